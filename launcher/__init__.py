@@ -1,0 +1,3 @@
+"""ftl, the fine-tuning launcher."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""The `ftl` command: one module per verb, registered in `main.py`."""

@@ -1,0 +1,56 @@
+"""`ftl`: parse the verb, run it, map user errors to exit code 2 (no traceback)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from launcher import __version__
+from launcher.errors import UserError
+
+# verb -> (module, one-line help); modules are imported only when their verb runs,
+# so `ftl --help` stays instant.
+VERBS: dict[str, tuple[str, str]] = {
+    "train": (
+        "launcher.cli.train",
+        "fine-tune a model from a recipe (one process, or under accelerate launch)",
+    ),
+    "validate": ("launcher.cli.validate", "check a recipe and print it fully resolved"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import importlib
+
+    parser = argparse.ArgumentParser(
+        prog="ftl",
+        description="ftl, the fine-tuning launcher: one YAML recipe in, one fine-tuned model out.",
+    )
+    parser.add_argument("--version", action="version", version=f"ftl {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    runners: dict[str, Callable[[argparse.Namespace], int]] = {}
+    argv = sys.argv[1:] if argv is None else argv
+    wanted = next((a for a in argv if not a.startswith("-")), None)
+    for verb, (module, help_text) in VERBS.items():
+        p = sub.add_parser(verb, help=help_text, description=help_text)
+        if verb == wanted:  # only the chosen verb's module is imported
+            mod = importlib.import_module(module)
+            mod.add_arguments(p)
+            runners[verb] = mod.run
+    args = parser.parse_args(argv)
+    if args.verb is None:
+        parser.print_help()
+        return 0
+    try:
+        return runners[args.verb](args) or 0
+    except UserError as e:
+        print(f"ftl {args.verb}: error: {e.render()}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ftl {args.verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

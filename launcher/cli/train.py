@@ -1,0 +1,45 @@
+"""`ftl train RECIPE [-o key=value ...] [--resume auto|PATH] [--overwrite]`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from launcher.cli.validate import add_recipe_arguments
+from launcher.recipe import load_recipe
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_recipe_arguments(p)
+    p.add_argument(
+        "--resume",
+        metavar="auto|PATH",
+        help="continue from the newest complete checkpoint of output.dir (auto), "
+        "or from a checkpoint / run folder",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in an output.dir that already holds a run",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe, args.override)
+    from launcher.train.loop import EXIT_STOPPED, train
+
+    summary = train(recipe, resume=args.resume, overwrite=args.overwrite)
+    shown = {
+        k: summary[k]
+        for k in (
+            "status",
+            "steps",
+            "final_train_loss",
+            "final_eval",
+            "wall_time_s",
+            "tokens_per_s",
+        )
+    }
+    print(json.dumps(shown, indent=2))
+    print(f"run folder: {recipe.output.dir}")
+    return {"completed": 0, "early_stopped": 0, "stopped": EXIT_STOPPED}.get(summary["status"], 1)

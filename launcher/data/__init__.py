@@ -1,0 +1,1 @@
+"""Data: reading rows, formats (alpaca, chat, completion, text classification), collators."""

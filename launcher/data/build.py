@@ -1,0 +1,155 @@
+"""From a `DataCfg` to tokenized train and eval examples, checked row by row."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from launcher.assets import resolve_path
+from launcher.data.formats import FORMATS, FormatContext, RowError
+from launcher.data.read import BadRows, Row, read_rows
+from launcher.errors import Problem, UserError
+from launcher.recipe.schema import DataCfg
+
+
+@dataclass
+class Datasets:
+    train: list[dict[str, Any]]
+    eval: list[dict[str, Any]]
+    labels: list[str] | None  # label names by class id, for classification tasks
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def split_rows(rows: list[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
+    """Deterministic hold-out: the same rows, seed and fraction give the same split anywhere."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_eval = round(len(rows) * fraction)
+    held = set(order[:n_eval])
+    return ([r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)])
+
+
+def _label_set(cfg: DataCfg, rows: list[Row]) -> list[str]:
+    if cfg.labels is not None:
+        return list(cfg.labels)
+    found = {str(r.data[cfg.label_field]) for r in rows if cfg.label_field in r.data}
+    return sorted(found)
+
+
+def _tokenize(
+    rows: list[Row], ctx: FormatContext, fmt: str, cfg: DataCfg, key: str, bad: BadRows
+) -> list[dict[str, Any]]:
+    fn = FORMATS[fmt]
+    out = []
+    for row in rows:
+        try:
+            out.append(fn(row.data, ctx))
+        except RowError as e:
+            if cfg.on_bad_row == "skip":
+                bad.add(f"{row.where}: {e}")
+                continue
+            raise UserError(
+                Problem(
+                    str(e),
+                    file=row.where,
+                    key=key,
+                    hint="fix the row, or set data.on_bad_row: skip to drop bad rows",
+                )
+            ) from None
+    return out
+
+
+def load_datasets(cfg: DataCfg, tokenizer: Any, *, uses_labels: bool) -> Datasets:
+    """Read, split and tokenize the recipe's data; every bad row is reported or counted."""
+    bad = BadRows()
+    read = dict(
+        on_bad_row=cfg.on_bad_row, bad=bad, text_field=cfg.text_field, label_field=cfg.label_field
+    )
+    train_rows = read_rows(resolve_path(cfg.train, base=Path.cwd()), key="data.train", **read)
+    if cfg.eval is not None:
+        eval_rows = read_rows(resolve_path(cfg.eval, base=Path.cwd()), key="data.eval", **read)
+    elif cfg.eval_split:
+        train_rows, eval_rows = split_rows(train_rows, cfg.eval_split, cfg.split_seed)
+    else:
+        eval_rows = []
+    if cfg.max_samples is not None:
+        train_rows = train_rows[: cfg.max_samples]
+    if not train_rows:
+        raise UserError(
+            Problem(
+                f"the training data is empty ({cfg.train}: no rows read, "
+                f"{bad.count} bad rows skipped)",
+                key="data.train",
+                hint="point data.train at a file with examples",
+            )
+        )
+    labels = _label_set(cfg, train_rows) if uses_labels else None
+    if labels is not None and len(labels) < 2:
+        raise UserError(
+            Problem(
+                f"classification needs at least 2 labels, found {labels}",
+                key="data.labels",
+                hint=f"check data.label_field ('{cfg.label_field}')",
+            )
+        )
+    ctx = FormatContext(
+        tokenizer=tokenizer,
+        max_length=cfg.max_length,
+        text_field=cfg.text_field,
+        label_field=cfg.label_field,
+        messages_field=cfg.messages_field,
+        label2id={name: i for i, name in enumerate(labels or [])},
+        prompt_template=cfg.prompt_template,
+    )
+    train = _tokenize(train_rows, ctx, cfg.format, cfg, "data.train", bad)
+    evals = _tokenize(eval_rows, ctx, cfg.format, cfg, "data.eval", bad)
+    if not train:
+        raise UserError(
+            Problem(
+                f"the training data is empty ({cfg.train}: "
+                f"{len(train_rows)} rows read, {bad.count} bad rows skipped)",
+                key="data.train",
+                hint="point data.train at a file with examples",
+            )
+        )
+    if (cfg.eval is not None or cfg.eval_split) and not evals:
+        raise UserError(
+            Problem(
+                "the eval data is empty",
+                key="data.eval" if cfg.eval else "data.eval_split",
+                hint="point data.eval at a file with examples, or raise data.eval_split",
+            )
+        )
+    stats = {
+        "train_examples": len(train),
+        "eval_examples": len(evals),
+        "bad_rows_skipped": bad.count,
+        "bad_row_examples": bad.examples or [],
+        "truncated": ctx.stats["truncated"],
+    }
+    return Datasets(train=train, eval=evals, labels=labels, stats=stats)
+
+
+def collate(
+    examples: list[dict[str, Any]], pad_id: int, pad_to_multiple: int = 1
+) -> dict[str, Any]:
+    """Right-pad a micro-batch; LM labels pad with -100, class labels stay one per row."""
+    import torch
+
+    longest = max(len(e["input_ids"]) for e in examples)
+    longest = -(-longest // pad_to_multiple) * pad_to_multiple
+    ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), longest), dtype=torch.long)
+    token_labels = isinstance(examples[0]["labels"], list)
+    labels = torch.full((len(examples), longest), -100, dtype=torch.long) if token_labels else None
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.tensor(e["input_ids"])
+        mask[i, :n] = 1
+        if token_labels:
+            labels[i, :n] = torch.tensor(e["labels"])
+    if not token_labels:
+        labels = torch.tensor([e["labels"] for e in examples], dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

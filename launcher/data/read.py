@@ -1,0 +1,163 @@
+"""Reading raw rows from JSONL, JSON, CSV/TSV files or a folder of label folders.
+
+Every row carries where it came from (`file:line`), so a bad row is reported exactly.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from launcher.errors import Problem, UserError
+
+SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
+
+
+@dataclass
+class Row:
+    data: dict[str, Any]
+    where: str  # "file:line" or a file path
+
+
+@dataclass
+class BadRows:
+    """Rows skipped under `on_bad_row: skip`, with a few examples for the summary."""
+
+    count: int = 0
+    examples: list[str] | None = None
+
+    def add(self, message: str) -> None:
+        self.count += 1
+        self.examples = self.examples or []
+        if len(self.examples) < 5:
+            self.examples.append(message)
+
+
+def read_rows(
+    path: Path,
+    *,
+    key: str,
+    on_bad_row: str,
+    bad: BadRows,
+    text_field: str = "text",
+    label_field: str = "label",
+) -> list[Row]:
+    """All rows of `path`; malformed ones raise (`on_bad_row: error`) or are counted."""
+    if not path.exists():
+        raise UserError(
+            Problem(
+                f"data file not found: {path}",
+                key=key,
+                hint="check the path; relative paths start at the current folder",
+            )
+        )
+    if path.is_dir():
+        return _read_label_folders(path, key, text_field, label_field)
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _read_jsonl(path, key, on_bad_row, bad)
+    if suffix == ".json":
+        return _read_json(path, key, on_bad_row, bad)
+    if suffix in (".csv", ".tsv"):
+        return _read_csv(path, "\t" if suffix == ".tsv" else ",")
+    raise UserError(
+        Problem(
+            f"unsupported data file type '{suffix}': {path}",
+            key=key,
+            hint=f"use one of {', '.join(SUFFIXES)}, or a folder of label folders",
+        )
+    )
+
+
+def _bad(message: str, where: str, key: str, on_bad_row: str, bad: BadRows) -> None:
+    if on_bad_row == "skip":
+        bad.add(f"{where}: {message}")
+        return
+    raise UserError(
+        Problem(
+            message,
+            file=where,
+            key=key,
+            hint="fix the row, or set data.on_bad_row: skip to drop bad rows",
+        )
+    )
+
+
+def _read_jsonl(path: Path, key: str, on_bad_row: str, bad: BadRows) -> list[Row]:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                _bad(
+                    f"malformed JSON: {e.msg} (column {e.colno})",
+                    f"{path}:{n}",
+                    key,
+                    on_bad_row,
+                    bad,
+                )
+                continue
+            if not isinstance(obj, dict):
+                _bad("a JSONL row must be an object", f"{path}:{n}", key, on_bad_row, bad)
+                continue
+            rows.append(Row(obj, f"{path}:{n}"))
+    return rows
+
+
+def _read_json(path: Path, key: str, on_bad_row: str, bad: BadRows) -> list[Row]:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(
+            Problem(f"malformed JSON: {e.msg}", file=f"{path}:{e.lineno}", key=key)
+        ) from None
+    if not isinstance(obj, list):
+        raise UserError(
+            Problem(
+                "a .json data file must hold a list of objects",
+                file=str(path),
+                key=key,
+                hint="or use JSONL: one object per line",
+            )
+        )
+    rows = []
+    for i, item in enumerate(obj):
+        if not isinstance(item, dict):
+            _bad(f"item {i} is not an object", f"{path}[{i}]", key, on_bad_row, bad)
+            continue
+        rows.append(Row(item, f"{path}[{i}]"))
+    return rows
+
+
+def _read_csv(path: Path, delimiter: str) -> list[Row]:
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        # line_num after reading a record is that record's last line
+        return [Row(dict(r), f"{path}:{reader.line_num}") for r in reader]
+
+
+def _read_label_folders(path: Path, key: str, text_field: str, label_field: str) -> list[Row]:
+    """`path/<label>/*.txt`: one example per file, the folder name is its label."""
+    rows = []
+    for label_dir in sorted(
+        p for p in path.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))
+    ):
+        for f in sorted(label_dir.iterdir()):
+            if f.is_file() and not f.name.startswith("."):
+                text = f.read_bytes().decode("utf-8", errors="replace")
+                rows.append(Row({text_field: text, label_field: label_dir.name}, str(f)))
+    if not rows:
+        raise UserError(
+            Problem(
+                f"no label folders with files in {path}",
+                key=key,
+                hint="a folder dataset holds one sub-folder per label, one file per example",
+            )
+        )
+    return rows

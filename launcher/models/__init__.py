@@ -1,0 +1,1 @@
+"""Models: building the task model, quantization, adapters."""

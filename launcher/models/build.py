@@ -1,0 +1,154 @@
+"""Task -> model: tokenizer and model loading, new heads, dtype, attention implementation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from launcher.assets import resolve_path
+from launcher.errors import Problem, UserError
+from launcher.recipe.schema import ModelCfg, QuantCfg
+from launcher.train.tasks import Task
+
+
+def model_location(cfg: ModelCfg) -> str:
+    """Local directory for `pkg:`/path values, the hub id otherwise."""
+    value = cfg.name_or_path
+    if value.startswith("pkg:") or value.startswith((".", "/", "~")) or Path(value).exists():
+        path = resolve_path(value, base=Path.cwd())
+        if not path.exists():
+            raise UserError(
+                Problem(
+                    f"model not found: {path}",
+                    key="model.name_or_path",
+                    hint="a local directory, pkg:<package>/<path>, or a hub id",
+                )
+            )
+        if cfg.gguf_file and not (path / cfg.gguf_file).is_file():
+            raise UserError(
+                Problem(f"GGUF file not found: {path / cfg.gguf_file}", key="model.gguf_file")
+            )
+        return str(path)
+    return value
+
+
+def _common(cfg: ModelCfg) -> dict[str, Any]:
+    kw: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.gguf_file:
+        kw["gguf_file"] = cfg.gguf_file
+    return kw
+
+
+def load_tokenizer(cfg: ModelCfg) -> Any:
+    """The model's tokenizer, with a pad token (EOS if it has none: labels mask by position)."""
+    from transformers import AutoTokenizer
+
+    where = (
+        str(resolve_path(cfg.tokenizer, base=Path.cwd())) if cfg.tokenizer else model_location(cfg)
+    )
+    try:
+        tok = AutoTokenizer.from_pretrained(where, **_common(cfg))
+    except OSError as e:
+        raise UserError(
+            Problem(
+                f"cannot load the tokenizer from {where}: {e}",
+                key="model.name_or_path",
+                hint="offline: use a local directory or a pkg: path",
+            )
+        ) from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    return tok
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def build_model(
+    cfg: ModelCfg, quant: QuantCfg, task: Task, labels: list[str] | None, pad_token_id: int | None
+) -> tuple[Any, set[str]]:
+    """Load the pretrained model for `task`; returns it and the names of new parameters."""
+    import transformers
+
+    auto = getattr(transformers, task.auto_class)
+    kw = _common(cfg)
+    kw["dtype"] = _torch_dtype(cfg.dtype)
+    if cfg.attn_implementation:
+        kw["attn_implementation"] = cfg.attn_implementation
+    if task.uses_labels:
+        kw.update(
+            num_labels=len(labels or []),
+            id2label=dict(enumerate(labels or [])),
+            label2id={n: i for i, n in enumerate(labels or [])},
+        )
+    if quant.bits is not None:
+        from launcher.models.quant import bnb_config
+
+        kw["quantization_config"] = bnb_config(quant)
+        kw["device_map"] = {"": _local_device()}
+    try:
+        model, info = auto.from_pretrained(model_location(cfg), output_loading_info=True, **kw)
+    except OSError as e:
+        raise UserError(
+            Problem(
+                f"cannot load the model: {e}",
+                key="model.name_or_path",
+                hint="offline: use a local directory or a pkg: path",
+            )
+        ) from None
+    if pad_token_id is not None and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = pad_token_id  # classification heads find the last token by it
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    new = set(info.get("missing_keys", []))
+    return model, new
+
+
+def _local_device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        import os
+
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "cpu"
+
+
+def save_model(
+    model: Any,
+    tokenizer: Any,
+    out: Path,
+    *,
+    is_main: bool,
+    save_fn: Any,
+    state_dict: dict[str, Any] | None,
+) -> None:
+    """Write the final model (or adapter) as safetensors next to its tokenizer."""
+    config = getattr(model, "config", None)
+    if (
+        config is not None
+        and getattr(config, "quantization_config", None) is not None
+        and _is_gguf(config.quantization_config)
+    ):
+        # A GGUF checkpoint is dequantized on load; what we hold are plain weights.
+        del config.quantization_config
+        model.hf_quantizer = None
+        model.is_quantized = False
+    model.save_pretrained(
+        out,
+        is_main_process=is_main,
+        save_function=save_fn,
+        state_dict=state_dict,
+        safe_serialization=True,
+    )
+    if is_main:
+        tokenizer.save_pretrained(out)
+
+
+def _is_gguf(qc: Any) -> bool:
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    return str(method).lower().endswith("gguf")

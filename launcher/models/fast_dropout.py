@@ -1,0 +1,163 @@
+"""Faster dropout for CPU training: same probability, a cheaper random number generator.
+
+Profiling the quickstart (MiniLM, batch 16 x 128) showed `aten::bernoulli_` at 15% of
+every training step: torch's CPU generator (MT19937) draws one number per element,
+serially. Here each mask comes from numpy's SFC64 bit generator (4 x 16-bit draws per
+64-bit word, seeded from torch's generator so `set_seed` and checkpoint RNG restore
+still make runs exact), which is 3-5x cheaper for the same Bernoulli(1-p) keep mask
+(p is quantized to 1/65536).
+
+Two pieces, neither patches third-party code:
+- `FastDropout` modules replace `nn.Dropout` modules (module substitution, like PEFT);
+- the `ftl_sdpa` attention backend, registered through transformers' public
+  `AttentionInterface`, computes attention-probability dropout with the same masks and
+  hands every other case (eval, GPU, no dropout) to the stock SDPA function.
+On a GPU everything falls through to torch's own kernels.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+BACKEND = "ftl_sdpa"
+
+
+def keep_mask(shape: torch.Size | tuple[int, ...], p: float) -> torch.Tensor:
+    """Boolean mask, True with probability 1 - p (to 1/65536), from the torch CPU RNG seed."""
+    n = 1
+    for s in shape:
+        n *= s
+    seed = int(torch.randint(0, 2**62, (1,)).item())  # advances torch's generator: resumable
+    raw = np.random.SFC64(seed).random_raw((n + 3) // 4)
+    draws = torch.from_numpy(raw.view(np.int16)[:n]).view(shape)
+    return draws >= (round(p * 65536) - 32768)
+
+
+class _MaskedScale(torch.autograd.Function):
+    """y = x * m, dy/dx = m: one multiply each way, the mask saved once."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(m)
+        return x * m
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (m,) = ctx.saved_tensors
+        return grad * m, None
+
+
+def fast_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """`F.dropout` with the cheaper mask on CPU; torch's own everywhere else."""
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu" or p >= 1.0:
+        return nn.functional.dropout(x, p, training)
+    scale = keep_mask(x.shape, p).to(x.dtype).mul_(1.0 / (1.0 - p))
+    return _MaskedScale.apply(x, scale) if x.requires_grad else x * scale
+
+
+class FastDropout(nn.Module):
+    """Drop-in for `nn.Dropout` (same `p`, same train/eval behaviour)."""
+
+    def __init__(self, p: float = 0.5):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fast_dropout(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def swap_dropout(model: nn.Module) -> int:
+    """Replace every `nn.Dropout` in `model` by `FastDropout`; returns how many."""
+    count = 0
+    for parent in model.modules():
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Dropout:
+                setattr(parent, name, FastDropout(child.p))
+                count += 1
+    return count
+
+
+def attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention backend: explicit softmax + fast dropout when training on CPU, SDPA otherwise."""
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    if (
+        dropout == 0.0
+        or not module.training
+        or query.device.type != "cpu"
+        or kwargs.get("position_bias") is not None
+        or kwargs.get("softcap") is not None
+    ):
+        return sdpa_attention_forward(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            is_causal=is_causal,
+            **kwargs,
+        )
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups > 1:
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+    low = torch.finfo(scores.dtype).min  # finite: a fully masked row gives zeros, not NaN
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
+    q_len, k_len = query.shape[2], key.shape[2]
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, low)
+        else:
+            scores = scores + attention_mask
+    elif causal and q_len > 1:
+        future = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).triu(
+            1 + k_len - q_len
+        )
+        scores = scores.masked_fill(future, low)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = fast_dropout(probs, dropout, True)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
+
+
+def register() -> str:
+    """Register the `ftl_sdpa` backend (and its SDPA-style masks) with transformers."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(BACKEND, attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(BACKEND, sdpa_mask)
+    return BACKEND
+
+
+def enable(model: Any) -> bool:
+    """Use fast dropout in `model` (CPU training); False if its attention is not pluggable."""
+    swap_dropout(model)
+    if not getattr(model, "_supports_attention_backend", False):
+        return False
+    if getattr(model.config, "_attn_implementation", None) not in ("sdpa", None):
+        return False  # the user chose eager / flash: leave attention alone
+    register()
+    model.set_attn_implementation(BACKEND)
+    return True

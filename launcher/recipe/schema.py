@@ -1,0 +1,153 @@
+"""The recipe schema: one strict pydantic model per concern.
+
+Every default lives here and only here. Unknown keys are errors at every level
+(`extra="forbid"`). Choices come from the registries that implement them.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from launcher.data.formats import FORMATS
+from launcher.train.optim import OPTIMIZERS, SCHEDULES
+from launcher.train.tasks import TASKS
+
+FormatName = Literal[tuple(FORMATS)]  # type: ignore[valid-type]
+TaskName = Literal[tuple(TASKS)]  # type: ignore[valid-type]
+OptimizerName = Literal[tuple(OPTIMIZERS)]  # type: ignore[valid-type]
+ScheduleName = Literal[tuple(SCHEDULES)]  # type: ignore[valid-type]
+
+PosInt = Annotated[int, Field(ge=1)]
+NonNegFloat = Annotated[float, Field(ge=0.0)]
+
+
+class Section(BaseModel):
+    """Base for every recipe section: unknown keys are errors, assignment re-validates."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelCfg(Section):
+    name_or_path: str = Field(description="HF directory, hub id, or pkg:<package>/<path>")
+    gguf_file: str | None = Field(None, description="GGUF file inside name_or_path to load")
+    tokenizer: str | None = Field(None, description="tokenizer path if not the model's")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = None
+    gradient_checkpointing: bool = False
+
+
+class AdapterCfg(Section):
+    type: Literal["full", "lora"] = "full"
+    r: PosInt = 16
+    alpha: Annotated[float, Field(gt=0)] = 32.0
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
+    # "all-linear": every linear layer of the backbone (PEFT's own discovery), not the head.
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    modules_to_save: list[str] | None = None
+
+
+class QuantCfg(Section):
+    bits: Literal[4, 8] | None = None
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+
+
+class DataCfg(Section):
+    format: FormatName = "completion"
+    train: str = Field(description="JSONL/JSON/CSV file, or a folder of label folders")
+    eval: str | None = None
+    eval_split: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    split_seed: int = 0
+    max_length: PosInt = 512
+    on_bad_row: Literal["error", "skip"] = "error"
+    max_samples: PosInt | None = None
+    # field names inside each row
+    text_field: str = "text"
+    label_field: str = "label"
+    messages_field: str = "messages"
+    labels: list[str] | None = Field(None, description="label set; inferred if omitted")
+    prompt_template: str | None = Field(None, description="alpaca template override")
+
+
+class EarlyStoppingCfg(Section):
+    metric: str = "eval_loss"
+    patience: PosInt = 3
+    mode: Literal["min", "max", "auto"] = "auto"
+    min_delta: NonNegFloat = 0.0
+
+
+class TrainCfg(Section):
+    epochs: Annotated[float, Field(gt=0)] = 1.0
+    max_steps: PosInt | None = None
+    micro_batch_size: PosInt = 8
+    grad_accum: PosInt = 1
+    lr: Annotated[float, Field(gt=0)] = 2e-5
+    weight_decay: NonNegFloat = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: Annotated[float, Field(gt=0)] = 1e-8
+    optimizer: OptimizerName = "adamw"
+    scheduler: ScheduleName = "linear"
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    warmup_ratio: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    max_grad_norm: NonNegFloat | None = 1.0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    seed: int = 42
+    log_every: PosInt = 10
+    eval_every: PosInt | None = None
+    eval_at_start: bool = Field(
+        False, description="evaluate the untouched model first (a baseline)"
+    )
+    eval_batch_size: PosInt | None = None
+    save_every: PosInt | None = None
+    keep_last: PosInt = 2
+    early_stopping: EarlyStoppingCfg | None = None
+    l2sp: NonNegFloat = Field(0.0, description="λ of L2-SP: loss + λ·Σ‖θ−θ₀‖²")
+    num_threads: PosInt | None = Field(None, description="torch CPU threads (default: all)")
+    fast_dropout: bool = Field(True, description="cheaper dropout masks when training on CPU")
+
+
+class DistributedCfg(Section):
+    strategy: Literal["none", "ddp", "zero1", "zero2", "zero3", "zero3_offload", "fsdp2"] = "none"
+    num_processes: PosInt | Literal["auto"] = "auto"
+    num_machines: PosInt = 1
+
+
+class OutputCfg(Section):
+    dir: str
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = []
+    run_name: str | None = None
+    save_model: bool = True
+
+
+class SlurmCfg(Section):
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    nodes: PosInt = 1
+    gpus_per_node: Annotated[int, Field(ge=0)] = 8
+    cpus_per_task: PosInt | None = None
+    time: str = "24:00:00"
+    requeue: bool = True
+
+
+class Recipe(Section):
+    """A whole recipe, as `ftl validate` prints it once resolved."""
+
+    task: TaskName = "causal_lm"
+    model: ModelCfg
+    data: DataCfg
+    adapter: AdapterCfg = AdapterCfg()
+    quant: QuantCfg = QuantCfg()
+    train: TrainCfg = TrainCfg()
+    distributed: DistributedCfg = DistributedCfg()
+    output: OutputCfg
+    slurm: SlurmCfg | None = None
+
+
+def dump(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as plain data (every default filled in)."""
+    return recipe.model_dump(mode="json")

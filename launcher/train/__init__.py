@@ -1,0 +1,1 @@
+"""The training process: loop, optimizers, regularisers, checkpoints, reports."""

@@ -1,0 +1,114 @@
+"""What a run shows and leaves behind: progress bar, metrics.jsonl, summary.json, loss.png."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+PLOT = "loss.png"
+
+
+class MetricsLog:
+    """Append-only JSON lines; on resume, lines past the resumed step are dropped."""
+
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None):
+        self.path = run_dir / METRICS
+        self.enabled = enabled
+        self.records: list[dict[str, Any]] = []
+        if enabled and resume_step is not None and self.path.exists():
+            kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            self.records = kept
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def peak_memory_mb() -> dict[str, float]:
+    """Peak resident memory of this process, and of the GPU when there is one."""
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    tmp = run_dir / f".{SUMMARY}.tmp"
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, run_dir / SUMMARY)
+
+
+def plot(run_dir: Path, records: list[dict[str, Any]]) -> Path | None:
+    """Train and eval loss curves (and accuracy when the task has it) to loss.png."""
+    train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    if not train and not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", color="tab:blue")
+    if evals:
+        ax.plot(
+            [r["step"] for r in evals],
+            [r["eval_loss"] for r in evals],
+            "o-",
+            label="eval loss",
+            color="tab:orange",
+        )
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if evals and "accuracy" in evals[0]:
+        ax2 = ax.twinx()
+        ax2.plot(
+            [r["step"] for r in evals],
+            [r["accuracy"] for r in evals],
+            "s--",
+            color="tab:green",
+            label="eval accuracy",
+        )
+        ax2.set_ylabel("accuracy")
+        ax2.set_ylim(0, 1)
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    ax.legend(handles, labels, loc="best")
+    ax.set_title(run_dir.name)
+    fig.tight_layout()
+    out = run_dir / PLOT
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def progress(total: int, initial: int, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        disable=not enabled,
+        unit="step",
+        dynamic_ncols=True,
+        file=sys.stderr,
+        mininterval=1.0,
+    )

@@ -1,0 +1,65 @@
+"""Task registry: what a task trains, which data formats feed it, which metrics it reports.
+
+The loop only talks to a `Task`; a new task (token classification, seq2seq, vision) is a
+new entry here plus its formats in `launcher.data.formats`, not a change to the loop.
+Nothing heavy is imported at module level: the recipe schema reads the names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    formats: tuple[str, ...]
+    auto_class: str  # transformers Auto* class that builds the model
+    metrics: tuple[str, ...]  # eval metrics it reports; the first is the default to watch
+    peft_task_type: str
+    # (logits, labels) accumulated over eval batches -> metric dict (besides eval_loss)
+    eval_metrics: Callable[[list[Any], list[Any]], dict[str, float]]
+    uses_labels: bool  # the model needs a label set (num_labels, id2label)
+
+
+def _lm_metrics(_preds: list[Any], _labels: list[Any]) -> dict[str, float]:
+    return {}  # perplexity is derived from eval_loss by the evaluator
+
+
+def _classification_metrics(preds: list[Any], labels: list[Any]) -> dict[str, float]:
+    import torch
+
+    p = torch.cat(preds)
+    y = torch.cat(labels)
+    accuracy = (p == y).float().mean().item()
+    f1s = []
+    for c in torch.unique(torch.cat([p, y])):
+        tp = ((p == c) & (y == c)).sum().item()
+        fp = ((p == c) & (y != c)).sum().item()
+        fn = ((p != c) & (y == c)).sum().item()
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return {"accuracy": accuracy, "macro_f1": sum(f1s) / len(f1s)}
+
+
+TASKS: dict[str, Task] = {
+    "causal_lm": Task(
+        name="causal_lm",
+        formats=("completion", "alpaca", "chat"),
+        auto_class="AutoModelForCausalLM",
+        metrics=("eval_loss", "perplexity"),
+        peft_task_type="CAUSAL_LM",
+        eval_metrics=_lm_metrics,
+        uses_labels=False,
+    ),
+    "sequence_classification": Task(
+        name="sequence_classification",
+        formats=("text_classification",),
+        auto_class="AutoModelForSequenceClassification",
+        metrics=("eval_loss", "accuracy", "macro_f1"),
+        peft_task_type="SEQ_CLS",
+        eval_metrics=_classification_metrics,
+        uses_labels=True,
+    ),
+}

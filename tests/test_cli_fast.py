@@ -1,0 +1,35 @@
+"""The CLI starts fast: `ftl --help` and `ftl validate` never import torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+CHECK = """
+import sys, time
+t = time.perf_counter()
+from launcher.cli.main import main
+rc = main({argv!r})
+heavy = sorted(m for m in ("torch", "transformers", "accelerate", "deepspeed", "peft") if m in sys.modules)
+print("HEAVY", heavy, "RC", rc, "T", time.perf_counter() - t)
+"""
+
+
+def run(argv: list[str]) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-c", CHECK.format(argv=argv)], cwd=ROOT, capture_output=True, text=True
+    )
+    return proc.stdout
+
+
+def test_help_imports_nothing_heavy():
+    out = run([])  # no verb: prints the help
+    assert "HEAVY []" in out, out
+
+
+def test_validate_imports_nothing_heavy():
+    out = run(["validate", "recipes/quickstart.yaml"])
+    assert "HEAVY [] RC 0" in out, out

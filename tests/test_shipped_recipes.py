@@ -1,0 +1,62 @@
+"""Every file under recipes/ (recursively) validates and documents itself."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from launcher.assets import data_path
+from launcher.recipe import load_recipe
+from launcher.recipe.schema import Recipe
+
+RECIPES = data_path("recipes")
+ALL = sorted(p for p in RECIPES.rglob("*.yaml"))
+FULL = [p for p in ALL if "base" not in p.relative_to(RECIPES).parts]
+PARTS = [p for p in ALL if p not in FULL]
+
+
+def test_there_are_recipes():
+    assert len(FULL) >= 4 and (RECIPES / "quickstart.yaml") in FULL
+
+
+@pytest.mark.parametrize("path", FULL, ids=lambda p: str(p.relative_to(RECIPES)))
+def test_recipe_validates(path):
+    load_recipe(path)
+
+
+@pytest.mark.parametrize("path", ALL, ids=lambda p: str(p.relative_to(RECIPES)))
+def test_recipe_opens_with_a_header(path):
+    head = path.read_text().split("\n\n")[0]
+    assert head.startswith("#")
+    if path in FULL:
+        assert f"ftl train recipes/{path.relative_to(RECIPES)}" in head or "ftl launch" in head
+        assert " -o " in head  # an override example
+
+
+def _unknown_keys(data: dict, model: type, prefix: str = "") -> list[str]:
+    bad = []
+    for key, value in data.items():
+        field = model.model_fields.get(key)
+        if field is None:
+            bad.append(prefix + key)
+            continue
+        sub = next(
+            (
+                a
+                for a in (field.annotation, *getattr(field.annotation, "__args__", ()))
+                if isinstance(a, type) and hasattr(a, "model_fields")
+            ),
+            None,
+        )
+        if sub is not None and isinstance(value, dict):
+            bad += _unknown_keys(value, sub, prefix + key + ".")
+    return bad
+
+
+@pytest.mark.parametrize("path", PARTS, ids=lambda p: str(p.relative_to(RECIPES)))
+def test_base_pieces_use_known_keys_and_are_used(path):
+    data = yaml.safe_load(path.read_text())
+    data.pop("extends", None)
+    assert _unknown_keys(data, Recipe) == []
+    users = [p for p in FULL if path.name in p.read_text()]
+    assert users, f"{path} is not extended by any recipe"
