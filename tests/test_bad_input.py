@@ -106,3 +106,69 @@ def test_cli_subprocess_exit_2_without_traceback(cls_recipe, args, needle):
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 2, proc.stderr
     assert needle in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bad_adapter_target_is_a_user_error_and_keeps_the_old_run(cls_recipe, tmp_path, capsys):
+    assert train(cls_recipe, "-o", "train.max_steps=1") == 0
+    before = (tmp_path / "run" / "summary.json").read_text()
+    rc = train(
+        cls_recipe,
+        "--overwrite",
+        "-o",
+        "adapter.type=lora",
+        "-o",
+        "adapter.target_modules=[nope_proj]",
+    )
+    assert_user_error(capsys, rc, "adapter.target_modules", "nope_proj")
+    assert (
+        tmp_path / "run" / "summary.json"
+    ).read_text() == before  # --overwrite waited for the checks
+
+
+def test_csv_with_bom_and_short_rows(cls_recipe, tmp_path, capsys):
+    good = tmp_path / "bom.csv"
+    good.write_text(
+        "\ufefftext,label\n" + "".join(f"good movie {i},pos\nbad movie {i},neg\n" for i in range(8))
+    )
+    assert train(cls_recipe, "-o", f"data.train={good}", "-o", "train.max_steps=1") == 0
+    short = tmp_path / "short.csv"
+    short.write_text("text,label\ngood movie,pos\nbad movie,neg\nno label here\n")
+    rc = train(cls_recipe, "-o", f"data.train={short}", "--overwrite")
+    assert_user_error(capsys, rc, f"{short}:4", "missing field 'label'")
+
+
+def test_non_utf8_file(cls_recipe, tmp_path, capsys):
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes('{"text": "caf\xe9", "label": "pos"}\n'.encode("latin-1"))
+    rc = train(cls_recipe, "-o", f"data.train={bad}")
+    assert_user_error(capsys, rc, "not UTF-8", "latin1.jsonl")
+
+
+@pytest.mark.parametrize("label", [None, ["pos"], True, ""])
+def test_label_of_the_wrong_kind(cls_recipe, tmp_path, capsys, label):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        json.dumps({"text": "good", "label": "pos"})
+        + "\n"
+        + json.dumps({"text": "bad", "label": label})
+        + "\n"
+    )
+    rc = train(cls_recipe, "-o", f"data.train={bad}", "-o", "data.labels=[pos, neg]")
+    assert_user_error(capsys, rc, f"{bad}:2", "must be a non-empty string or an integer")
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("train.early_stopping={metric: accuracy}", "train.early_stopping"),
+        ("data.prompt_template='{instruction} {oops}'", "data.prompt_template"),
+    ],
+)
+def test_recipe_rules_through_validate(cls_recipe, capsys, override, key):
+    rc = main(["validate", str(cls_recipe), "-o", "train.eval_every=null", "-o", override])
+    assert_user_error(capsys, rc, key)
+
+
+def test_l2sp_with_lora_is_refused(cls_recipe, capsys):
+    rc = main(["validate", str(cls_recipe), "-o", "adapter.type=lora", "-o", "train.l2sp=0.1"])
+    assert_user_error(capsys, rc, "train.l2sp", "frozen")

@@ -150,3 +150,10 @@ def test_cross_key_rules(tmp_path):
 def test_missing_recipe_file(tmp_path):
     (pr,) = problems(tmp_path / "nope.yaml")
     assert "not found" in pr.message
+
+
+def test_redaction_keeps_tokenizer_paths():
+    from launcher.recipe.redact import redact
+
+    out = redact({"model": {"tokenizer": "path/to/tok"}, "hf_token": "abc", "wandb_api_key": "k"})
+    assert out == {"model": {"tokenizer": "path/to/tok"}, "hf_token": "***", "wandb_api_key": "***"}

@@ -170,3 +170,57 @@ def test_sigterm_saves_checkpoint_and_resume_finishes(cls_recipe, tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "stopped" and 0 < summary["steps"] < 3000
     assert ckpt.name == f"step-{summary['steps']:08d}"
+
+
+def test_resume_auto_never_wipes_a_finished_run_without_checkpoints(cls_recipe, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", str(cls_recipe), "-o", "train.max_steps=2"]) == 0
+    rc = main(["train", str(cls_recipe), "-o", "train.max_steps=2", "--resume", "auto"])
+    assert rc == 2 and "no complete checkpoint" in capsys.readouterr().err
+    assert (run / "model").is_dir() and (run / "summary.json").is_file()
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(cls_recipe, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", str(cls_recipe), *STEPS, "-o", "train.save_every=3"]) == 0
+    rc = main(
+        [
+            "train",
+            str(cls_recipe),
+            *STEPS,
+            "-o",
+            "train.save_every=3",
+            "-o",
+            "train.micro_batch_size=4",
+            "--resume",
+            "auto",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and "micro_batch_size: checkpoint 8, now 4" in err
+    assert len(complete_checkpoints(run)) == 2  # untouched
+
+
+def test_resuming_an_older_checkpoint_drops_the_abandoned_newer_ones(cls_recipe, tmp_path):
+    run = tmp_path / "run"
+    saving = ["-o", "train.save_every=3", "-o", "train.keep_last=3"]
+    assert main(["train", str(cls_recipe), *STEPS, *saving]) == 0
+    names = [c.name for c in complete_checkpoints(run)]
+    assert names == ["step-00000003", "step-00000006", "step-00000009"]
+    first = losses(run)
+    # resume from step 3 and save nothing more: steps 6 and 9 were another timeline
+    older = str(run / "checkpoints" / "step-00000003")
+    assert (
+        main(["train", str(cls_recipe), *STEPS, "-o", "train.save_every=null", "--resume", older])
+        == 0
+    )
+    assert [c.name for c in complete_checkpoints(run)] == ["step-00000003"]
+    assert losses(run) == first  # re-grown identically
+
+
+def test_a_line_cut_short_by_a_kill_is_ignored(tmp_path):
+    from launcher.train.report import read_metrics
+
+    p = tmp_path / "metrics.jsonl"
+    p.write_text('{"kind": "train", "step": 1, "loss": 1.0}\n{"kind": "tra')
+    assert read_metrics(p) == [{"kind": "train", "step": 1, "loss": 1.0}]

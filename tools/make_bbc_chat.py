@@ -29,6 +29,9 @@ def conversations(root: Path) -> list[dict]:
             text = f.read_bytes().decode("utf-8", errors="replace").strip()
             headline, _, body = text.partition("\n")
             lead = body.strip().split("\n\n")[0].strip()
+            if len(lead) > 500:  # keep prompts short: cut at a sentence end
+                cut = lead.rfind(". ", 0, 500)
+                lead = lead[: cut + 1] if cut > 0 else lead[:500]
             if not headline.strip() or not lead:
                 continue
             rows.append(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 
 from launcher.cli.validate import add_recipe_arguments
 from launcher.recipe import load_recipe
@@ -26,6 +28,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.override)
+    if recipe.distributed.strategy != "none" and "WORLD_SIZE" not in os.environ:
+        print(
+            f"ftl train: note: distributed.strategy={recipe.distributed.strategy} applies when the "
+            "run is started by a multi-process launcher; this is one process on this machine",
+            file=sys.stderr,
+        )
     from launcher.train.loop import EXIT_STOPPED, train
 
     summary = train(recipe, resume=args.resume, overwrite=args.overwrite)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.assets import resolve_path
-from launcher.data.formats import FORMATS, FormatContext, RowError
+from launcher.data.formats import FORMATS, FormatContext, RowError, label_of
 from launcher.data.read import BadRows, Row, read_rows
 from launcher.errors import Problem, UserError
 from launcher.recipe.schema import DataCfg
@@ -34,7 +34,12 @@ def split_rows(rows: list[Any], fraction: float, seed: int) -> tuple[list[Any], 
 def _label_set(cfg: DataCfg, rows: list[Row]) -> list[str]:
     if cfg.labels is not None:
         return list(cfg.labels)
-    found = {str(r.data[cfg.label_field]) for r in rows if cfg.label_field in r.data}
+    found = set()
+    for r in rows:
+        try:
+            found.add(label_of(r.data, cfg.label_field))
+        except RowError:
+            continue  # reported (or skipped) with its line when the row is formatted
     return sorted(found)
 
 

@@ -117,22 +117,26 @@ def chat(row: dict[str, Any], ctx: FormatContext) -> dict[str, Any]:
             raise RowError(f"message {i} must be an object with string 'role' and 'content'")
     if not any(m["role"] == "assistant" for m in msgs):
         raise RowError("no assistant message: nothing to learn")
+    if msgs[0]["role"] == "assistant":
+        raise RowError("the conversation starts with an assistant message (nothing prompts it)")
     if tok.chat_template is None:
         raise RowError("the tokenizer has no chat template (use format: alpaca or completion)")
 
     def render(part: list[dict[str, Any]], gen: bool) -> str:
-        return tok.apply_chat_template(part, tokenize=False, add_generation_prompt=gen)
+        try:
+            return tok.apply_chat_template(part, tokenize=False, add_generation_prompt=gen)
+        except Exception as e:  # jinja's raise_exception(): e.g. roles must alternate
+            raise RowError(f"the chat template refused this conversation: {e}") from None
 
     full = render(msgs, False)
     spans = []
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
-        start = len(render(msgs[:i], True)) if i else 0
-        end = len(render(msgs[: i + 1], False))
-        if not full.startswith(render(msgs[: i + 1], False)):
+        prompt, turn = render(msgs[:i], True), render(msgs[: i + 1], False)
+        if not (full.startswith(turn) and turn.startswith(prompt)):
             raise RowError("the chat template does not render conversations incrementally")
-        spans.append((start, end))
+        spans.append((len(prompt), len(turn)))
     enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     labels = [IGNORE] * len(ids)
@@ -146,12 +150,24 @@ def chat(row: dict[str, Any], ctx: FormatContext) -> dict[str, Any]:
     return _finish_lm(ctx, ids, labels)
 
 
+def label_of(row: dict[str, Any], name: str) -> str:
+    """A class label as text: a non-empty string or an integer (1 and "1" are one class)."""
+    if name not in row:
+        raise RowError(f"missing field '{name}'")
+    value = row[name]
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (str, int))
+        or (isinstance(value, str) and not value.strip())
+    ):
+        raise RowError(f"field '{name}' must be a non-empty string or an integer, got {value!r}")
+    return str(value).strip()
+
+
 def text_classification(row: dict[str, Any], ctx: FormatContext) -> dict[str, Any]:
     """text + label -> truncated token ids and one class id."""
     text = _field(row, ctx.text_field)
-    if ctx.label_field not in row:
-        raise RowError(f"missing field '{ctx.label_field}'")
-    label = str(row[ctx.label_field])
+    label = label_of(row, ctx.label_field)
     if label not in ctx.label2id:
         raise RowError(f"label '{label}' is not in the label set {sorted(ctx.label2id)}")
     ids = ctx.tokenizer(text, truncation=True, max_length=ctx.max_length)["input_ids"]

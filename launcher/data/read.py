@@ -57,12 +57,24 @@ def read_rows(
     if path.is_dir():
         return _read_label_folders(path, key, text_field, label_field)
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        return _read_jsonl(path, key, on_bad_row, bad)
-    if suffix == ".json":
-        return _read_json(path, key, on_bad_row, bad)
-    if suffix in (".csv", ".tsv"):
-        return _read_csv(path, "\t" if suffix == ".tsv" else ",")
+    try:
+        if suffix == ".jsonl":
+            return _read_jsonl(path, key, on_bad_row, bad)
+        if suffix == ".json":
+            return _read_json(path, key, on_bad_row, bad)
+        if suffix in (".csv", ".tsv"):
+            return _read_csv(path, "\t" if suffix == ".tsv" else ",")
+    except UnicodeDecodeError as e:
+        raise UserError(
+            Problem(
+                f"not UTF-8 text (byte {e.start}: {e.reason})",
+                file=str(path),
+                key=key,
+                hint="re-save the file as UTF-8",
+            )
+        ) from None
+    except csv.Error as e:
+        raise UserError(Problem(f"malformed CSV: {e}", file=str(path), key=key)) from None
     raise UserError(
         Problem(
             f"unsupported data file type '{suffix}': {path}",
@@ -88,7 +100,7 @@ def _bad(message: str, where: str, key: str, on_bad_row: str, bad: BadRows) -> N
 
 def _read_jsonl(path: Path, key: str, on_bad_row: str, bad: BadRows) -> list[Row]:
     rows = []
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8-sig") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -112,7 +124,7 @@ def _read_jsonl(path: Path, key: str, on_bad_row: str, bad: BadRows) -> list[Row
 
 def _read_json(path: Path, key: str, on_bad_row: str, bad: BadRows) -> list[Row]:
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
+        obj = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as e:
         raise UserError(
             Problem(f"malformed JSON: {e.msg}", file=f"{path}:{e.lineno}", key=key)
@@ -136,10 +148,17 @@ def _read_json(path: Path, key: str, on_bad_row: str, bad: BadRows) -> list[Row]
 
 
 def _read_csv(path: Path, delimiter: str) -> list[Row]:
-    with path.open(encoding="utf-8", newline="") as f:
+    with path.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
-        # line_num after reading a record is that record's last line
-        return [Row(dict(r), f"{path}:{reader.line_num}") for r in reader]
+        # line_num after reading a record is that record's last line; a short row has
+        # None for its missing columns, which the format reports as a missing field
+        return [
+            Row(
+                {k: v for k, v in r.items() if v is not None and k is not None},
+                f"{path}:{reader.line_num}",
+            )
+            for r in reader
+        ]
 
 
 def _read_label_folders(path: Path, key: str, text_field: str, label_field: str) -> list[Row]:

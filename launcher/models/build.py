@@ -39,7 +39,7 @@ def _common(cfg: ModelCfg) -> dict[str, Any]:
     return kw
 
 
-def load_tokenizer(cfg: ModelCfg) -> Any:
+def load_tokenizer(cfg: ModelCfg, *, needs_eos: bool = False) -> Any:
     """The model's tokenizer, with a pad token (EOS if it has none: labels mask by position)."""
     from transformers import AutoTokenizer
 
@@ -48,7 +48,7 @@ def load_tokenizer(cfg: ModelCfg) -> Any:
     )
     try:
         tok = AutoTokenizer.from_pretrained(where, **_common(cfg))
-    except OSError as e:
+    except (OSError, ValueError) as e:
         raise UserError(
             Problem(
                 f"cannot load the tokenizer from {where}: {e}",
@@ -56,6 +56,14 @@ def load_tokenizer(cfg: ModelCfg) -> Any:
                 hint="offline: use a local directory or a pkg: path",
             )
         ) from None
+    if needs_eos and tok.eos_token_id is None:
+        raise UserError(
+            Problem(
+                f"the tokenizer at {where} has no EOS token: a language model could not learn to stop",
+                key="model.tokenizer",
+                hint="use a tokenizer that defines eos_token",
+            )
+        )
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     return tok
@@ -91,7 +99,7 @@ def build_model(
         kw["device_map"] = {"": _local_device()}
     try:
         model, info = auto.from_pretrained(model_location(cfg), output_loading_info=True, **kw)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         raise UserError(
             Problem(
                 f"cannot load the model: {e}",

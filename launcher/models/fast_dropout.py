@@ -55,7 +55,7 @@ def fast_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """`F.dropout` with the cheaper mask on CPU; torch's own everywhere else."""
     if not training or p == 0.0:
         return x
-    if x.device.type != "cpu" or p >= 1.0:
+    if x.device.type != "cpu" or p > 0.99:  # extreme p: 16-bit draws would be too coarse
         return nn.functional.dropout(x, p, training)
     scale = keep_mask(x.shape, p).to(x.dtype).mul_(1.0 / (1.0 - p))
     return _MaskedScale.apply(x, scale) if x.requires_grad else x * scale
@@ -123,7 +123,7 @@ def attention(
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     scores = torch.matmul(query, key.transpose(-1, -2)) * scale
-    low = torch.finfo(scores.dtype).min  # finite: a fully masked row gives zeros, not NaN
+    low = torch.finfo(scores.dtype).min  # finite: a fully masked row gives uniform weights, not NaN
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
     q_len, k_len = query.shape[2], key.shape[2]
     if attention_mask is not None:

@@ -6,6 +6,7 @@ them changes anything. `load_recipe` reports every hit at once.
 
 from __future__ import annotations
 
+import string
 from collections.abc import Callable, Iterator
 
 from launcher.recipe.schema import Recipe
@@ -73,6 +74,51 @@ def _eval_needs_data(r: Recipe) -> Iterator[Hit]:
         )
 
 
+def _l2sp_needs_pretrained_weights(r: Recipe) -> Iterator[Hit]:
+    if r.train.l2sp and r.adapter.type != "full":
+        yield (
+            "train.l2sp",
+            f"L2-SP regularises trained pretrained weights; with adapter.type "
+            f"{r.adapter.type} they are frozen (the adapter matrices are new)",
+            "use adapter.type: full with L2-SP, or set train.l2sp: 0",
+        )
+
+
+def _early_stopping_needs_evals(r: Recipe) -> Iterator[Hit]:
+    if r.train.early_stopping is not None and r.train.eval_every is None:
+        yield (
+            "train.early_stopping",
+            "early stopping watches periodic evals, but train.eval_every is not set",
+            "set train.eval_every: N",
+        )
+
+
+def _prompt_template_fields(r: Recipe) -> Iterator[Hit]:
+    if r.data.prompt_template is None:
+        return
+    allowed = {"instruction", "input", "with_input", "input_block"}
+    try:
+        used = {
+            name
+            for _, name, _, _ in string.Formatter().parse(r.data.prompt_template)
+            if name is not None
+        }
+    except ValueError as e:
+        yield (
+            "data.prompt_template",
+            f"not a valid template: {e}",
+            "write literal braces as {{ and }}",
+        )
+        return
+    unknown = sorted(used - allowed)
+    if unknown:
+        yield (
+            "data.prompt_template",
+            f"unknown placeholder(s): {', '.join(unknown)}",
+            "use {instruction}, {input}, {input_block}, {with_input}; literal braces as {{ }}",
+        )
+
+
 def _gguf_is_local(r: Recipe) -> Iterator[Hit]:
     if r.model.gguf_file and r.quant.bits is not None:
         yield (
@@ -101,6 +147,9 @@ RULES: list[Callable[[Recipe], Iterator[Hit]]] = [
     _one_warmup,
     _eval_needs_data,
     _gguf_is_local,
+    _prompt_template_fields,
+    _l2sp_needs_pretrained_weights,
+    _early_stopping_needs_evals,
     _early_stopping_metric,
 ]
 

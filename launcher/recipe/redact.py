@@ -5,7 +5,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
-_SECRET = re.compile(r"(token|secret|password|passwd|api_?key|credential)", re.IGNORECASE)
+# whole words of a key: `hf_token`, `api_key`, `password` are secrets; `tokenizer` is not
+_SECRET = re.compile(
+    r"(^|[_\-.])(token|secret|password|passwd|api[_-]?key|credentials?)s?($|[_\-.])", re.IGNORECASE
+)
 REDACTED = "***"
 
 

@@ -30,8 +30,16 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     root = checkpoints_dir(run_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / COMPLETE).is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+    found = [
+        p
+        for p in root.iterdir()
+        if p.name.startswith(PREFIX) and (p / COMPLETE).is_file() and (p / STATE).is_file()
+    ]
+    return sorted(found, key=step_of)
+
+
+def step_of(path: Path) -> int:
+    return int(path.name[len(PREFIX) :])
 
 
 def find_resume(run_dir: Path, resume: str) -> Path | None:
@@ -40,7 +48,7 @@ def find_resume(run_dir: Path, resume: str) -> Path | None:
         found = complete_checkpoints(run_dir)
         return found[-1] if found else None
     path = Path(resume)
-    if (path / COMPLETE).is_file():
+    if (path / COMPLETE).is_file() and (path / STATE).is_file():
         return path
     found = complete_checkpoints(path)
     if found:

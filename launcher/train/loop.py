@@ -1,12 +1,14 @@
 """The training loop: one explicit Accelerate loop, readable top to bottom.
 
-recipe -> checks (nothing written yet) -> data -> model (+adapter) -> optimizer ->
-[resume] -> for each optimizer step: accumulate micro-batches, clip, step, log, eval,
-save, stop on signal / early stopping / non-finite loss -> final model, summary, plot.
+recipe -> run-folder decision -> data -> model (+fast dropout, +adapter) -> optimizer ->
+[resume, checked against this run] -> run folder written -> for each optimizer step:
+accumulate micro-batches, clip, step, log, eval, save; stop on a signal, early stopping
+or a non-finite loss -> final model, summary, plot.
 
 A step is one optimizer step. Data order depends only on (seed, epoch), and every
 checkpoint stores model, optimizer, scheduler, RNG and the position in the data, so a run
-resumed at step k logs the same losses as one that never stopped.
+resumed at step k logs the same losses as one that never stopped. Nothing is written to
+the run folder until every check (recipe, data rows, model, adapter, resume) has passed.
 """
 
 from __future__ import annotations
@@ -14,62 +16,24 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from launcher.data.build import Datasets, collate, load_datasets
 from launcher.errors import Problem, UserError
 from launcher.models.adapters import apply_adapter
 from launcher.models.build import build_model, load_tokenizer, save_model
-from launcher.recipe.redact import redact
 from launcher.recipe.resolve import Schedule, schedule
 from launcher.recipe.schema import Recipe, dump
-from launcher.train import checkpoint, report
+from launcher.train import checkpoint, report, rundir
 from launcher.train.optim import build_optimizer, build_scheduler
-from launcher.train.regularize import L2SP
+from launcher.train.regularize import L2SP, pretrained_parameters
 from launcher.train.signals import StopFlag
 from launcher.train.tasks import TASKS, Task
 
-RUN_FILES = (
-    "recipe.yaml",
-    report.METRICS,
-    report.SUMMARY,
-    report.PLOT,
-    "checkpoints",
-    "model",
-    "trackers",
-)
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 EXIT_STOPPED = 3  # stopped by a signal after saving a checkpoint: resume with --resume auto
-
-
-def prepare_run_dir(run_dir: Path, resume: str | None, overwrite: bool) -> Path | None:
-    """Refuse to clobber a run; find the checkpoint to resume from. Writes nothing."""
-    if resume and overwrite:
-        raise UserError(
-            Problem(
-                "--resume and --overwrite exclude each other",
-                key="--overwrite",
-                hint="--resume continues a run, --overwrite starts it over",
-            )
-        )
-    if resume:
-        return checkpoint.find_resume(run_dir, resume)
-    holds_run = run_dir.is_dir() and any((run_dir / name).exists() for name in RUN_FILES)
-    if holds_run and not overwrite:
-        raise UserError(
-            Problem(
-                f"{run_dir} already holds a run",
-                key="output.dir",
-                hint="add --resume auto to continue it, --overwrite to start over, "
-                "or pick another folder with -o output.dir=...",
-            )
-        )
-    return None
 
 
 def _check_trackers(names: list[str]) -> None:
@@ -88,6 +52,16 @@ def _check_trackers(names: list[str]) -> None:
         os.environ["WANDB_MODE"] = "offline"  # no key: log locally, `wandb sync` later
 
 
+def _fresh_accelerator_state() -> None:
+    """Forget a previous run's settings when training twice in one process (tests,
+    notebooks); the process group (PartialState) is kept."""
+    from accelerate.state import AcceleratorState
+
+    reset = getattr(AcceleratorState, "_reset_state", None)
+    if reset is not None:
+        reset()
+
+
 def _param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on matrices only: biases and norms are left alone (standard practice)."""
     decay, no_decay = [], []
@@ -98,16 +72,6 @@ def _param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-
-
-def _fresh_accelerator_state() -> None:
-    """Forget a previous run's mixed precision etc. when training twice in one process
-    (tests, notebooks); the process group (PartialState) is kept."""
-    from accelerate.state import AcceleratorState
-
-    reset = getattr(AcceleratorState, "_reset_state", None)
-    if reset is not None:
-        reset()
 
 
 def epoch_batches(n: int, micro_batch: int, seed: int, epoch: int) -> list[list[int]]:
@@ -127,52 +91,54 @@ class Trainer:
         self.task: Task = TASKS[recipe.task]
         self.run_dir = Path(recipe.output.dir)
         self.wall_start = time.time()
-        self.resume_from = prepare_run_dir(self.run_dir, resume, overwrite)
-        self.overwrite = overwrite or (resume == "auto" and self.resume_from is None)
-        self._setup()
+        self._setup(resume, overwrite)
 
-    # -- setup: checks first, the run directory is written only once they pass --------------
-    def _setup(self) -> None:
+    # -- setup: every check first; the run folder is written only once they all pass --------
+    def _setup(self, resume: str | None, overwrite: bool) -> None:
         import torch
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
-        r = self.recipe
+        r, t = self.recipe, self.recipe.train
         if not torch.cuda.is_available():
             from launcher.train.host import keep_freed_memory
 
             keep_freed_memory()
-        if r.train.num_threads:
-            torch.set_num_threads(r.train.num_threads)
-        self.tokenizer = load_tokenizer(r.model)
-        self.data: Datasets = load_datasets(
-            r.data, self.tokenizer, uses_labels=self.task.uses_labels
-        )
+        if t.num_threads:
+            torch.set_num_threads(t.num_threads)
         _check_trackers(r.output.report_to)
         _fresh_accelerator_state()
         self.acc = Accelerator(
-            mixed_precision="bf16" if r.train.precision == "bf16" else "no",
-            gradient_accumulation_steps=r.train.grad_accum,
+            mixed_precision="bf16" if t.precision == "bf16" else "no",
+            gradient_accumulation_steps=t.grad_accum,
             log_with=r.output.report_to or None,
             project_dir=str(self.run_dir / "trackers"),
         )
         self.main = self.acc.is_main_process
-        self.sched: Schedule = schedule(r.train, len(self.data.train), self.acc.num_processes)
-        self._init_run_dir()
+        self.resume_from = rundir.on_main(
+            self.acc, lambda: rundir.find_start(self.run_dir, resume, overwrite)
+        )
 
-        set_seed(r.train.seed)  # before the new head is initialised: runs are reproducible
+        self.tokenizer = load_tokenizer(r.model, needs_eos=self.task.name == "causal_lm")
+        self.data: Datasets = load_datasets(
+            r.data, self.tokenizer, uses_labels=self.task.uses_labels
+        )
+        self.sched: Schedule = schedule(t, len(self.data.train), self.acc.num_processes)
+        identity = rundir.run_identity(r, self.sched, len(self.data.train))
+
+        set_seed(t.seed)  # before the new head is initialised: runs are reproducible
         model, new_params = build_model(
             r.model, r.quant, self.task, self.data.labels, self.tokenizer.pad_token_id
         )
-        if r.train.fast_dropout and self.acc.device.type == "cpu":
+        if t.fast_dropout and self.acc.device.type == "cpu":
             from launcher.models.fast_dropout import enable
 
             enable(model)
+        pretrained = pretrained_parameters(model, new_params) if t.l2sp > 0 else []
         model = apply_adapter(model, r.adapter, self.task, quantized=r.quant.bits is not None)
-        self.l2sp = L2SP(model, r.train.l2sp, exclude=new_params) if r.train.l2sp > 0 else None
+        self.l2sp = L2SP(pretrained, t.l2sp) if t.l2sp > 0 else None
         self.n_params = sum(p.numel() for p in model.parameters())
         self.n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        t = r.train
         optimizer = build_optimizer(
             t.optimizer,
             _param_groups(model, t.weight_decay),
@@ -181,8 +147,8 @@ class Trainer:
             betas=t.betas,
             eps=t.eps,
         )
-        # stepped once per optimizer step by us (accelerate's wrapper would step it once
-        # per process), and checkpointed alongside the model
+        # stepped once per optimizer step by the loop (accelerate's wrapper would step it
+        # once per process) and checkpointed alongside the model
         self.lr_schedule = build_scheduler(
             t.scheduler, optimizer, self.sched.warmup_steps, self.sched.total_steps
         )
@@ -196,54 +162,71 @@ class Trainer:
             "bad_evals": 0,
             "window_loss": 0.0,
             "window_steps": 0,
+            "window_tokens": 0,
+            "window_samples": 0,
+            "run": identity,
         }
         if self.resume_from is not None:
+            saved = json.loads((self.resume_from / checkpoint.STATE).read_text())
+            rundir.check_resume(saved.get("run", {}), identity, self.resume_from)
             self.state = checkpoint.load(self.acc, self.resume_from)
             self.acc.print(f"resumed from {self.resume_from} at step {self.state['step']}")
+
+        # -- every check passed: now the run folder may change -------------------------------
+        resumed_here = (
+            self.resume_from is not None
+            and self.resume_from.parent.parent.resolve() == (self.run_dir.resolve())
+        )
+        if self.main:
+            rundir.prepare(
+                self.run_dir,
+                r,
+                clear=self.resume_from is None and rundir.holds_run(self.run_dir),
+                resumed_at=self.state["step"] if resumed_here else None,
+            )
+        self.acc.wait_for_everyone()
         self.metrics = report.MetricsLog(
             self.run_dir, self.main, self.state["step"] if self.resume_from else None
         )
+        self.eval_loader = self._eval_loader() if self.data.eval else None
         if r.output.report_to:
             self.acc.init_trackers(r.output.run_name or self.run_dir.name, config=_flat(dump(r)))
 
-    def _init_run_dir(self) -> None:
-        if self.main:
-            if self.overwrite:
-                for name in RUN_FILES:
-                    p = self.run_dir / name
-                    shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            resolved = redact(dump(self.recipe))
-            (self.run_dir / "recipe.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-        self.acc.wait_for_everyone()
-
     # -- data ----------------------------------------------------------------------------
-    def _loader(self, examples: list[dict[str, Any]], batches: list[list[int]]) -> Any:
+    def _collate(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
+        return collate(batch, self.tokenizer.pad_token_id)
+
+    def _train_loader(self, epoch: int, skip_per_process: int) -> Any:
         import torch
         from torch.utils.data import DataLoader
 
-        pad = self.tokenizer.pad_token_id
+        batches = epoch_batches(
+            len(self.data.train), self.recipe.train.micro_batch_size, self.recipe.train.seed, epoch
+        )
         # A generator of its own: a DataLoader draws its base seed from the global RNG
         # otherwise, which would shift dropout masks after a resume.
         dl = DataLoader(
-            examples,
-            batch_sampler=batches,
-            collate_fn=lambda b: collate(b, pad),
+            self.data.train,
+            batch_sampler=batches[skip_per_process * self.acc.num_processes :],
+            collate_fn=self._collate,
             generator=torch.Generator(),
         )
         return self.acc.prepare_data_loader(dl)
 
-    def _train_loader(self, epoch: int, skip_per_process: int) -> Any:
-        batches = epoch_batches(
-            len(self.data.train), self.recipe.train.micro_batch_size, self.recipe.train.seed, epoch
-        )
-        return self._loader(self.data.train, batches[skip_per_process * self.acc.num_processes :])
-
     def _eval_loader(self) -> Any:
-        size = self.recipe.train.eval_batch_size or self.recipe.train.micro_batch_size
+        import torch
+        from torch.utils.data import DataLoader
+
         ev = self.data.eval
-        order = sorted(range(len(ev)), key=lambda i: -len(ev[i]["input_ids"]))  # less padding
-        return self._loader(ev, [order[i : i + size] for i in range(0, len(ev), size)])
+        longest_first = sorted(ev, key=lambda e: -len(e["input_ids"]))  # less padding
+        dl = DataLoader(
+            longest_first,
+            batch_size=self.recipe.train.eval_batch_size or self.recipe.train.micro_batch_size,
+            shuffle=False,
+            collate_fn=self._collate,
+            generator=torch.Generator(),
+        )
+        return self.acc.prepare_data_loader(dl)
 
     # -- the loop ------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -253,10 +236,10 @@ class Trainer:
         stop = StopFlag().install()
         bar = report.progress(s.total_steps, st["step"], self.main)
         status, grad_norm = "completed", None
-        window_start, window_tokens, window_samples = time.time(), 0, 0
-        train_start, train_tokens0 = time.time(), st["tokens"]
+        window_start = time.time()
+        train_start, tokens0, samples0 = time.time(), st["tokens"], st["samples"]
         evaluated_at = -1
-        if t.eval_at_start and self.data.eval and st["step"] == 0:
+        if t.eval_at_start and self.eval_loader is not None and st["step"] == 0:
             self._evaluate(0)
         self.model.train()
         try:
@@ -271,24 +254,23 @@ class Trainer:
                         self.acc.backward(loss)
                         group_loss += out.loss.detach()
                         group_n += 1
-                        n_tok = int(batch["attention_mask"].sum())
-                        window_tokens += n_tok
-                        window_samples += batch["input_ids"].shape[0]
+                        st["window_tokens"] += int(batch["attention_mask"].sum())
+                        st["window_samples"] += batch["input_ids"].shape[0]
                         if not self.acc.sync_gradients:
                             continue
                         step_loss = self.acc.reduce(group_loss / group_n, reduction="mean").item()
                         if not math.isfinite(step_loss):
                             status = "diverged"
                             self.acc.print(
-                                f"\nstep {st['step'] + 1}: loss is {step_loss}; stopping "
-                                "without applying this update (last checkpoint is intact)"
+                                f"\nstep {st['step'] + 1}: loss is {step_loss}; stopping without "
+                                "applying this update (the last checkpoint is intact)"
                             )
                             break
                         if t.max_grad_norm is not None:
-                            grad_norm = self.acc.clip_grad_norm_(
+                            norm = self.acc.clip_grad_norm_(
                                 self.model.parameters(), t.max_grad_norm
                             )
-                            grad_norm = float(grad_norm) if grad_norm is not None else None
+                            grad_norm = float(norm) if norm is not None else None
                         self.optimizer.step()
                         self.optimizer.zero_grad(set_to_none=True)
                     self.lr_schedule.step()
@@ -300,35 +282,16 @@ class Trainer:
                     step = st["step"]
 
                     if step % t.log_every == 0 or step == s.total_steps:
-                        tokens, samples = self._sum(window_tokens), self._sum(window_samples)
-                        st["tokens"] += tokens
-                        st["samples"] += samples
-                        dt = max(time.time() - window_start, 1e-9)
-                        rec = {
-                            "kind": "train",
-                            "step": step,
-                            "epoch": round(step / s.steps_per_epoch, 4),
-                            "loss": st["window_loss"] / st["window_steps"],
-                            "lr": self.lr_schedule.get_last_lr()[0],
-                            "grad_norm": grad_norm,
-                            "tokens_per_s": tokens / dt,
-                            "samples_per_s": samples / dt,
-                        }
-                        self._log(rec)
-                        bar.set_postfix(
-                            loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}"
-                        )
-                        st["window_loss"], st["window_steps"] = 0.0, 0
-                        window_start, window_tokens, window_samples = time.time(), 0, 0
-
-                    if self.data.eval and (t.eval_every and step % t.eval_every == 0):
+                        self._log_train(step, grad_norm, time.time() - window_start, bar)
+                        window_start = time.time()
+                    if self.eval_loader is not None and t.eval_every and step % t.eval_every == 0:
                         evaluated_at = step
                         if self._evaluate_and_watch(step):
                             status = "early_stopped"
                     stopping = stop.should_stop(self.acc)
-                    if (
+                    if stopping or (
                         t.save_every and (step % t.save_every == 0 or step == s.total_steps)
-                    ) or stopping:
+                    ):
                         self._save_checkpoint()
                     if stopping:
                         status = "stopped"
@@ -338,16 +301,20 @@ class Trainer:
             stop.uninstall()
             bar.close()
         train_time = time.time() - train_start
-        st["tokens"] += self._sum(window_tokens)
-        st["samples"] += self._sum(window_samples)
-        final_eval = None
-        if self.data.eval and status in ("completed", "early_stopped"):
-            final_eval = (
-                self._last_eval() if evaluated_at == st["step"] else self._evaluate(st["step"])
-            )
+        # count what ran since the last log line (a stop or divergence mid-window)
+        st["tokens"] += self._sum(st["window_tokens"])
+        st["samples"] += self._sum(st["window_samples"])
+        st["window_tokens"] = st["window_samples"] = 0
+        throughput = {
+            "tokens_per_s": round((st["tokens"] - tokens0) / train_time, 1),
+            "samples_per_s": round((st["samples"] - samples0) / train_time, 2),
+        }
+        finished = status in ("completed", "early_stopped")
+        if self.eval_loader is not None and finished and evaluated_at != st["step"]:
+            self._evaluate(st["step"])
         if status in ("completed", "early_stopped") and self.recipe.output.save_model:
             self._save_final()
-        return self._finish(status, train_time, st["tokens"] - train_tokens0, final_eval)
+        return self._finish(status, train_time, throughput)
 
     def _sum(self, value: int) -> int:
         if self.acc.num_processes == 1:
@@ -357,6 +324,26 @@ class Trainer:
         return int(
             self.acc.reduce(torch.tensor(value, device=self.acc.device), reduction="sum").item()
         )
+
+    def _log_train(self, step: int, grad_norm: float | None, seconds: float, bar: Any) -> None:
+        st = self.state
+        tokens, samples = self._sum(st["window_tokens"]), self._sum(st["window_samples"])
+        st["tokens"] += tokens
+        st["samples"] += samples
+        dt = max(seconds, 1e-9)
+        rec = {
+            "kind": "train",
+            "step": step,
+            "epoch": round(step / self.sched.steps_per_epoch, 4),
+            "loss": st["window_loss"] / st["window_steps"],
+            "lr": self.lr_schedule.get_last_lr()[0],
+            "grad_norm": grad_norm,
+            "tokens_per_s": tokens / dt,
+            "samples_per_s": samples / dt,
+        }
+        self._log(rec)
+        bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+        st.update(window_loss=0.0, window_steps=0, window_tokens=0, window_samples=0)
 
     def _log(self, rec: dict[str, Any]) -> None:
         self.metrics.write(rec)
@@ -373,27 +360,24 @@ class Trainer:
         import torch
 
         self.model.eval()
-        total = torch.zeros((), dtype=torch.float64, device=self.acc.device)
-        count = torch.zeros((), dtype=torch.float64, device=self.acc.device)
-        preds, labels = [], []
+        sums, counts, preds, labels = [], [], [], []
         started = time.time()
         with torch.inference_mode():
-            for batch in self._eval_loader():
-                out = self.model(**batch)
-                if self.task.uses_labels:
-                    n = batch["labels"].shape[0]
-                    preds.append(self.acc.gather_for_metrics(out.logits.argmax(-1)).cpu())
+            for batch in self.eval_loader:
+                inputs = {k: v for k, v in batch.items() if k != "labels"}
+                loss_sum, count, pred = self.task.eval_batch(self.model(**inputs), batch)
+                # gather_for_metrics drops the samples repeated to even out the last batch
+                sums.append(self.acc.gather_for_metrics(loss_sum.double()).cpu())
+                counts.append(self.acc.gather_for_metrics(count.double()).cpu())
+                if pred is not None:
+                    preds.append(self.acc.gather_for_metrics(pred).cpu())
                     labels.append(self.acc.gather_for_metrics(batch["labels"]).cpu())
-                else:  # mean over predicted tokens (labels are shifted inside the model)
-                    n = int((batch["labels"][:, 1:] != -100).sum())
-                total += out.loss.double() * n
-                count += n
-        total, count = self.acc.reduce(total, "sum"), self.acc.reduce(count, "sum")
-        loss = float(total / count)
+        loss = float(torch.cat(sums).sum() / torch.cat(counts).sum())
         rec: dict[str, Any] = {"kind": "eval", "step": step, "eval_loss": loss}
-        if not self.task.uses_labels:
+        if self.task.name == "causal_lm":
             rec["perplexity"] = math.exp(min(loss, 50.0))
-        rec.update(self.task.eval_metrics(preds, labels) if self.task.uses_labels else {})
+        if preds:
+            rec.update(self.task.eval_metrics(torch.cat(preds), torch.cat(labels)))
         rec["eval_seconds"] = round(time.time() - started, 3)
         self.model.train()
         self._log(rec)
@@ -414,15 +398,16 @@ class Trainer:
         if es is None:
             return False
         value = rec[es.metric]
-        mode = (
-            es.mode
-            if es.mode != "auto"
-            else ("min" if es.metric in ("eval_loss", "perplexity") else "max")
+        lower_is_better = es.mode == "min" or (
+            es.mode == "auto" and es.metric in ("eval_loss", "perplexity")
         )
         best = self.state["best"]
-        better = best is None or (
-            value < best - es.min_delta if mode == "min" else value > best + es.min_delta
-        )
+        if best is None:
+            better = True
+        elif lower_is_better:
+            better = value < best - es.min_delta
+        else:
+            better = value > best + es.min_delta
         if better:
             self.state["best"], self.state["bad_evals"] = value, 0
         else:
@@ -441,19 +426,26 @@ class Trainer:
 
     def _save_final(self) -> None:
         out = self.run_dir / "model"
-        unwrapped = self.acc.unwrap_model(self.model)
+        if self.acc.num_processes == 1:
+            # nothing to gather; accelerate's unwrap would import deepspeed (seconds) to check
+            model, state_dict = self.model, None
+        else:
+            model, state_dict = (
+                self.acc.unwrap_model(self.model),
+                self.acc.get_state_dict(self.model),
+            )
         save_model(
-            unwrapped,
+            model,
             self.tokenizer,
             out,
             is_main=self.main,
             save_fn=self.acc.save,
-            state_dict=self.acc.get_state_dict(self.model),
+            state_dict=state_dict,
         )
         self.acc.wait_for_everyone()
 
     def _finish(
-        self, status: str, train_time: float, tokens: int, final_eval: dict | None
+        self, status: str, train_time: float, throughput: dict[str, float]
     ) -> dict[str, Any]:
         records = self.metrics.records
         train_recs = [r for r in records if r.get("kind") == "train"]
@@ -464,16 +456,13 @@ class Trainer:
             "total_steps": self.sched.total_steps,
             "epochs": round(self.state["step"] / self.sched.steps_per_epoch, 4),
             "final_train_loss": train_recs[-1]["loss"] if train_recs else None,
-            "final_eval": {k: v for k, v in (final_eval or {}).items() if k not in ("kind",)}
+            "final_eval": {k: v for k, v in (self._last_eval() or {}).items() if k != "kind"}
             or None,
             "wall_time_s": round(time.time() - self.wall_start, 2),
             "train_time_s": round(train_time, 2),
             "tokens_seen": self.state["tokens"],
             "samples_seen": self.state["samples"],
-            "tokens_per_s": round(tokens / train_time, 1) if train_time > 0 else None,
-            "samples_per_s": round(self.state["samples"] / train_time, 2)
-            if train_time > 0 and not self.resume_from
-            else None,
+            **throughput,  # of this invocation (a resumed run counts what it ran itself)
             "parameters": self.n_params,
             "trainable_parameters": self.n_trainable,
             "schedule": self.sched.as_dict(),

@@ -11,25 +11,24 @@ from __future__ import annotations
 from typing import Any
 
 
+def pretrained_parameters(model: Any, new: set[str]) -> list[Any]:
+    """Parameters loaded from the checkpoint (by identity, so it survives adapter wrapping)."""
+    return [p for name, p in model.named_parameters() if name not in new]
+
+
 class L2SP:
-    def __init__(self, model: Any, strength: float, exclude: set[str]):
+    def __init__(self, params: list[Any], strength: float):
+        """`params`: the pretrained parameters; only those still trainable are regularised."""
         self.strength = strength
-        # keep (param, θ₀) pairs; params are the live tensors the optimizer updates
-        self.pairs = [
-            (p, p.detach().clone())
-            for name, p in model.named_parameters()
-            if p.requires_grad and not any(name.endswith(x) for x in exclude)
-        ]
+        self.pairs = [(p, p.detach().clone()) for p in params if p.requires_grad]
+        self._placed = False
 
     def penalty(self) -> Any:
         import torch
 
+        if not self._placed:  # θ₀ follows its parameter to the device, once
+            self.pairs = [(p, p0.to(p.device)) for p, p0 in self.pairs]
+            self._placed = True
         if not self.pairs:
             return torch.zeros(())
-        return self.strength * sum(((p - p0.to(p.device)) ** 2).sum() for p, p0 in self.pairs)
-
-    @staticmethod
-    def distance(model: Any, reference: dict[str, Any]) -> float:
-        """Σ‖θ − θ₀‖² over the named tensors of `reference` (for reports and tests)."""
-        params = dict(model.named_parameters())
-        return float(sum(((params[n].detach() - t) ** 2).sum() for n, t in reference.items()))
+        return self.strength * sum(((p - p0) ** 2).sum() for p, p0 in self.pairs)

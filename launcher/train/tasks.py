@@ -19,20 +19,40 @@ class Task:
     auto_class: str  # transformers Auto* class that builds the model
     metrics: tuple[str, ...]  # eval metrics it reports; the first is the default to watch
     peft_task_type: str
-    # (logits, labels) accumulated over eval batches -> metric dict (besides eval_loss)
-    eval_metrics: Callable[[list[Any], list[Any]], dict[str, float]]
+    # (model outputs, batch) -> per-example (loss sum, loss count, prediction or None), so
+    # eval metrics can be gathered across processes without counting padding duplicates
+    eval_batch: Callable[[Any, dict[str, Any]], tuple[Any, Any, Any]]
+    # (predictions, labels) gathered over the eval set -> metrics besides eval_loss
+    eval_metrics: Callable[[Any, Any], dict[str, float]]
     uses_labels: bool  # the model needs a label set (num_labels, id2label)
 
 
-def _lm_metrics(_preds: list[Any], _labels: list[Any]) -> dict[str, float]:
+def _lm_eval_batch(out: Any, batch: dict[str, Any]) -> tuple[Any, Any, None]:
+    """Summed next-token loss and token count per sequence (labels shift inside)."""
+    import torch.nn.functional as F
+
+    logits = out.logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    loss = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    return loss.sum(1), (labels != -100).sum(1), None
+
+
+def _lm_metrics(_preds: Any, _labels: Any) -> dict[str, float]:
     return {}  # perplexity is derived from eval_loss by the evaluator
 
 
-def _classification_metrics(preds: list[Any], labels: list[Any]) -> dict[str, float]:
+def _classification_eval_batch(out: Any, batch: dict[str, Any]) -> tuple[Any, Any, Any]:
+    import torch
+    import torch.nn.functional as F
+
+    logits = out.logits.float()
+    loss = F.cross_entropy(logits, batch["labels"], reduction="none")
+    return loss, torch.ones_like(loss), logits.argmax(-1)
+
+
+def _classification_metrics(p: Any, y: Any) -> dict[str, float]:
     import torch
 
-    p = torch.cat(preds)
-    y = torch.cat(labels)
     accuracy = (p == y).float().mean().item()
     f1s = []
     for c in torch.unique(torch.cat([p, y])):
@@ -50,6 +70,7 @@ TASKS: dict[str, Task] = {
         auto_class="AutoModelForCausalLM",
         metrics=("eval_loss", "perplexity"),
         peft_task_type="CAUSAL_LM",
+        eval_batch=_lm_eval_batch,
         eval_metrics=_lm_metrics,
         uses_labels=False,
     ),
@@ -59,6 +80,7 @@ TASKS: dict[str, Task] = {
         auto_class="AutoModelForSequenceClassification",
         metrics=("eval_loss", "accuracy", "macro_f1"),
         peft_task_type="SEQ_CLS",
+        eval_batch=_classification_eval_batch,
         eval_metrics=_classification_metrics,
         uses_labels=True,
     ),
