@@ -1,0 +1,31 @@
+"""GPU checks (skipped without CUDA): the same loop on a GPU, bf16, fast dropout stays off."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from launcher.cli.main import main
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+def test_classification_on_gpu_bf16(cls_recipe, tmp_path):
+    assert main(["train", str(cls_recipe), "-o", "train.precision=bf16"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["final_eval"]["accuracy"] >= 0.9
+    assert summary.get("peak_gpu_mb", 0) > 0
+
+
+def test_lora_chat_on_gpu(chat_recipe, tmp_path):
+    assert main(["train", str(chat_recipe), "-o", "train.precision=bf16"]) == 0
+    records = [
+        json.loads(x) for x in (tmp_path / "chat-run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    evals = [r["eval_loss"] for r in records if r["kind"] == "eval"]
+    assert evals[-1] < evals[0]
