@@ -205,3 +205,17 @@ def test_eval_at_start_gives_a_baseline(chat_recipe, tmp_path):
         if r["kind"] == "eval"
     ]
     assert steps == [0, 2]
+
+
+def test_report_to_wandb_offline_without_network(cls_recipe, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert (
+        main(
+            ["train", str(cls_recipe), "-o", "output.report_to=[wandb]", "-o", "train.max_steps=2"]
+        )
+        == 0
+    )
+    runs = list((tmp_path / "run" / "trackers").rglob("offline-run-*"))
+    assert runs, list((tmp_path / "run").rglob("*"))[:20]

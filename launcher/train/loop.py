@@ -190,7 +190,14 @@ class Trainer:
         )
         self.eval_loader = self._eval_loader() if self.data.eval else None
         if r.output.report_to:
-            self.acc.init_trackers(r.output.run_name or self.run_dir.name, config=_flat(dump(r)))
+            trackers = self.run_dir / "trackers"
+            if self.main:
+                trackers.mkdir(exist_ok=True)
+            self.acc.init_trackers(
+                r.output.run_name or self.run_dir.name,
+                config=_flat(dump(r)),
+                init_kwargs={"wandb": {"dir": str(trackers)}},  # offline files stay in the run
+            )
 
     # -- data ----------------------------------------------------------------------------
     def _collate(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
@@ -426,14 +433,7 @@ class Trainer:
 
     def _save_final(self) -> None:
         out = self.run_dir / "model"
-        if self.acc.num_processes == 1:
-            # nothing to gather; accelerate's unwrap would import deepspeed (seconds) to check
-            model, state_dict = self.model, None
-        else:
-            model, state_dict = (
-                self.acc.unwrap_model(self.model),
-                self.acc.get_state_dict(self.model),
-            )
+        model, state_dict = self.acc.unwrap_model(self.model), self.acc.get_state_dict(self.model)
         save_model(
             model,
             self.tokenizer,
