@@ -219,3 +219,29 @@ def test_report_to_wandb_offline_without_network(cls_recipe, tmp_path, monkeypat
     )
     runs = list((tmp_path / "run" / "trackers").rglob("offline-run-*"))
     assert runs, list((tmp_path / "run").rglob("*"))[:20]
+
+
+def test_qlora_4bit_on_cpu(chat_recipe, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    assert (
+        main(
+            [
+                "train",
+                str(chat_recipe),
+                "-o",
+                "quant.bits=4",
+                "-o",
+                "quant.compute_dtype=float32",
+                "-o",
+                "train.max_steps=4",
+                "-o",
+                "train.eval_every=null",
+            ]
+        )
+        == 0
+    )
+    summary = json.loads((tmp_path / "chat-run" / "summary.json").read_text())
+    assert (
+        summary["status"] == "completed" and summary["trainable_parameters"] < summary["parameters"]
+    )
+    assert (tmp_path / "chat-run" / "model" / "adapter_model.safetensors").is_file()

@@ -98,7 +98,7 @@ def plot(run_dir: Path, records: list[dict[str, Any]]) -> Path | None:
         ax2.set_ylim(0, 1)
         h2, l2 = ax2.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
-    ax.legend(handles, labels, loc="best")
+    ax.legend(handles, labels, loc="center right")
     ax.set_title(run_dir.name)
     fig.tight_layout()
     out = run_dir / PLOT
