@@ -224,3 +224,18 @@ def test_a_line_cut_short_by_a_kill_is_ignored(tmp_path):
     p = tmp_path / "metrics.jsonl"
     p.write_text('{"kind": "train", "step": 1, "loss": 1.0}\n{"kind": "tra')
     assert read_metrics(p) == [{"kind": "train", "step": 1, "loss": 1.0}]
+
+
+def test_resuming_another_runs_checkpoint_into_a_used_folder_is_refused(
+    cls_recipe, tmp_path, capsys
+):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert (
+        main(
+            ["train", str(cls_recipe), *STEPS, "-o", f"output.dir={a}", "-o", "train.save_every=3"]
+        )
+        == 0
+    )
+    assert main(["train", str(cls_recipe), *STEPS, "-o", f"output.dir={b}"]) == 0
+    rc = main(["train", str(cls_recipe), *STEPS, "-o", f"output.dir={b}", "--resume", str(a)])
+    assert rc == 2 and "belongs to another one" in capsys.readouterr().err

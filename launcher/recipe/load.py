@@ -215,6 +215,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
             msg = err["msg"]
             if err["type"] == "extra_forbidden":
                 msg = "unknown key"
+            elif err["type"] == "literal_error":
+                msg = f"unknown choice {err['input']!r}"
             problems.append(
                 Problem(msg, file=file, line=line, key=".".join(key) or None, hint=_hint(err, key))
             )

@@ -76,6 +76,18 @@ def find_start(run_dir: Path, resume: str | None, overwrite: bool) -> Path | Non
                     hint="--overwrite starts it over; set train.save_every to get checkpoints",
                 )
             )
+        if (
+            found is not None
+            and found.resolve().parent.parent != run_dir.resolve()
+            and holds_run(run_dir)
+        ):
+            raise UserError(
+                Problem(
+                    f"{run_dir} already holds a run, and {found} belongs to another one",
+                    key="output.dir",
+                    hint="continue another run's checkpoint in a new folder: -o output.dir=...",
+                )
+            )
         return found
     if holds_run(run_dir) and not overwrite:
         raise UserError(
