@@ -119,7 +119,7 @@ class Trainer:
             self.acc, lambda: rundir.find_start(self.run_dir, resume, overwrite)
         )
 
-        self.tokenizer = load_tokenizer(r.model, needs_eos=self.task.name == "causal_lm")
+        self.tokenizer = load_tokenizer(r.model, needs_eos=self.task.needs_eos)
         self.data: Datasets = load_datasets(
             r.data, self.tokenizer, uses_labels=self.task.uses_labels
         )
@@ -381,10 +381,8 @@ class Trainer:
                     labels.append(self.acc.gather_for_metrics(batch["labels"]).cpu())
         loss = float(torch.cat(sums).sum() / torch.cat(counts).sum())
         rec: dict[str, Any] = {"kind": "eval", "step": step, "eval_loss": loss}
-        if self.task.name == "causal_lm":
-            rec["perplexity"] = math.exp(min(loss, 50.0))
-        if preds:
-            rec.update(self.task.eval_metrics(torch.cat(preds), torch.cat(labels)))
+        gathered = (torch.cat(preds), torch.cat(labels)) if preds else (None, None)
+        rec.update(self.task.eval_metrics(*gathered, loss))
         rec["eval_seconds"] = round(time.time() - started, 3)
         self.model.train()
         self._log(rec)

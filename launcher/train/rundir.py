@@ -6,7 +6,6 @@ the output folder is not on a shared filesystem.
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -144,8 +143,3 @@ def prepare(run_dir: Path, recipe: Recipe, *, clear: bool, resumed_at: int | Non
                 shutil.rmtree(ckpt, ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(redact(dump(recipe)), sort_keys=False))
-
-
-def summary_of(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / report.SUMMARY
-    return json.loads(path.read_text()) if path.is_file() else None

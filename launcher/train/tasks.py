@@ -22,9 +22,10 @@ class Task:
     # (model outputs, batch) -> per-example (loss sum, loss count, prediction or None), so
     # eval metrics can be gathered across processes without counting padding duplicates
     eval_batch: Callable[[Any, dict[str, Any]], tuple[Any, Any, Any]]
-    # (predictions, labels) gathered over the eval set -> metrics besides eval_loss
-    eval_metrics: Callable[[Any, Any], dict[str, float]]
+    # (predictions or None, labels or None, eval loss) over the eval set -> metrics besides eval_loss
+    eval_metrics: Callable[[Any, Any, float], dict[str, float]]
     uses_labels: bool  # the model needs a label set (num_labels, id2label)
+    needs_eos: bool  # the model generates text, so its tokenizer must define EOS
 
 
 def _lm_eval_batch(out: Any, batch: dict[str, Any]) -> tuple[Any, Any, None]:
@@ -37,8 +38,10 @@ def _lm_eval_batch(out: Any, batch: dict[str, Any]) -> tuple[Any, Any, None]:
     return loss.sum(1), (labels != -100).sum(1), None
 
 
-def _lm_metrics(_preds: Any, _labels: Any) -> dict[str, float]:
-    return {}  # perplexity is derived from eval_loss by the evaluator
+def _lm_metrics(_preds: Any, _labels: Any, loss: float) -> dict[str, float]:
+    import math
+
+    return {"perplexity": math.exp(min(loss, 50.0))}
 
 
 def _classification_eval_batch(out: Any, batch: dict[str, Any]) -> tuple[Any, Any, Any]:
@@ -50,7 +53,7 @@ def _classification_eval_batch(out: Any, batch: dict[str, Any]) -> tuple[Any, An
     return loss, torch.ones_like(loss), logits.argmax(-1)
 
 
-def _classification_metrics(p: Any, y: Any) -> dict[str, float]:
+def _classification_metrics(p: Any, y: Any, _loss: float) -> dict[str, float]:
     import torch
 
     accuracy = (p == y).float().mean().item()
@@ -73,6 +76,7 @@ TASKS: dict[str, Task] = {
         eval_batch=_lm_eval_batch,
         eval_metrics=_lm_metrics,
         uses_labels=False,
+        needs_eos=True,
     ),
     "sequence_classification": Task(
         name="sequence_classification",
@@ -83,5 +87,6 @@ TASKS: dict[str, Task] = {
         eval_batch=_classification_eval_batch,
         eval_metrics=_classification_metrics,
         uses_labels=True,
+        needs_eos=False,
     ),
 }
