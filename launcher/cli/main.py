@@ -16,6 +16,14 @@ VERBS: dict[str, tuple[str, str]] = {
         "launcher.cli.train",
         "fine-tune a model from a recipe (one process, or under accelerate launch)",
     ),
+    "launch": (
+        "launcher.cli.launch",
+        "run a recipe on several processes / machines (DDP, DeepSpeed ZeRO, FSDP2)",
+    ),
+    "estimate": (
+        "launcher.cli.estimate",
+        "per-device memory of a recipe for every strategy, and the cheapest that fits",
+    ),
     "validate": ("launcher.cli.validate", "check a recipe and print it fully resolved"),
 }
 

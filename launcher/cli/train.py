@@ -37,6 +37,10 @@ def run(args: argparse.Namespace) -> int:
     from launcher.train.loop import EXIT_STOPPED, train
 
     summary = train(recipe, resume=args.resume, overwrite=args.overwrite)
+    if os.environ.get("RANK", "0") != "0":
+        return {"completed": 0, "early_stopped": 0, "stopped": EXIT_STOPPED}.get(
+            summary["status"], 1
+        )
     shown = {
         k: summary[k]
         for k in (

@@ -9,6 +9,7 @@ from __future__ import annotations
 import string
 from collections.abc import Callable, Iterator
 
+from launcher.dist.strategies import STRATEGIES
 from launcher.recipe.schema import Recipe
 from launcher.train.tasks import TASKS
 
@@ -140,6 +141,69 @@ def _early_stopping_metric(r: Recipe) -> Iterator[Hit]:
             )
 
 
+def _one_batch_size(r: Recipe) -> Iterator[Hit]:
+    if r.train.global_batch_size is not None and r.train.grad_accum != 1:
+        yield (
+            "train.global_batch_size",
+            "train.global_batch_size and train.grad_accum are both set",
+            "keep one: global_batch_size derives grad_accum from the number of processes",
+        )
+    elif r.train.global_batch_size is not None and (
+        r.train.global_batch_size % r.train.micro_batch_size
+    ):
+        yield (
+            "train.global_batch_size",
+            f"global batch {r.train.global_batch_size} is not a multiple of "
+            f"train.micro_batch_size {r.train.micro_batch_size}",
+            "make it micro_batch_size x grad accumulation x number of processes",
+        )
+
+
+def _deepspeed_config_needs_zero(r: Recipe) -> Iterator[Hit]:
+    kind = STRATEGIES[r.distributed.strategy].kind
+    if r.distributed.deepspeed_config is not None and kind != "deepspeed":
+        what = (
+            "FSDP and DeepSpeed are both set"
+            if kind == "fsdp"
+            else (f"a DeepSpeed config is set but distributed.strategy is {r.distributed.strategy}")
+        )
+        yield (
+            "distributed.deepspeed_config",
+            what,
+            "pick one engine: strategy zero1|zero2|zero3|zero3_offload with your "
+            "deepspeed_config, or strategy fsdp/ddp without it",
+        )
+
+
+def _sharding_keeps_whole_tensors(r: Recipe) -> Iterator[Hit]:
+    strategy = STRATEGIES[r.distributed.strategy]
+    if not strategy.shards_params:
+        return
+    if r.quant.bits is not None:
+        yield (
+            "quant.bits",
+            f"a {r.quant.bits}-bit bitsandbytes base cannot be sharded by "
+            f"distributed.strategy {strategy.name} (each rank needs whole quantized tensors)",
+            "use strategy ddp, zero1 or zero2 with a quantized base (the frozen base is "
+            "replicated, the adapter is trained data-parallel), or drop quant.bits",
+        )
+    if r.train.l2sp:
+        yield (
+            "train.l2sp",
+            f"L2-SP needs every whole weight on each rank; strategy {strategy.name} shards them",
+            "use strategy ddp, zero1 or zero2 with L2-SP, or set train.l2sp: 0",
+        )
+
+
+def _machines_need_distribution(r: Recipe) -> Iterator[Hit]:
+    if r.distributed.num_machines > 1 and r.distributed.strategy == "none":
+        yield (
+            "distributed.num_machines",
+            f"{r.distributed.num_machines} machines but distributed.strategy is none",
+            "set distributed.strategy: ddp (or a ZeRO stage / fsdp)",
+        )
+
+
 RULES: list[Callable[[Recipe], Iterator[Hit]]] = [
     _format_fits_task,
     _quant_needs_adapter,
@@ -151,6 +215,10 @@ RULES: list[Callable[[Recipe], Iterator[Hit]]] = [
     _l2sp_needs_pretrained_weights,
     _early_stopping_needs_evals,
     _early_stopping_metric,
+    _one_batch_size,
+    _deepspeed_config_needs_zero,
+    _sharding_keeps_whole_tensors,
+    _machines_need_distribution,
 ]
 
 

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from launcher.data.formats import FORMATS
+from launcher.dist.strategies import STRATEGIES
 from launcher.train.optim import OPTIMIZERS, SCHEDULES
 from launcher.train.tasks import TASKS
 
@@ -18,6 +19,7 @@ FormatName = Literal[tuple(FORMATS)]  # type: ignore[valid-type]
 TaskName = Literal[tuple(TASKS)]  # type: ignore[valid-type]
 OptimizerName = Literal[tuple(OPTIMIZERS)]  # type: ignore[valid-type]
 ScheduleName = Literal[tuple(SCHEDULES)]  # type: ignore[valid-type]
+StrategyName = Literal[tuple(STRATEGIES)]  # type: ignore[valid-type]
 
 PosInt = Annotated[int, Field(ge=1)]
 NonNegFloat = Annotated[float, Field(ge=0.0)]
@@ -83,8 +85,13 @@ class EarlyStoppingCfg(Section):
 class TrainCfg(Section):
     epochs: Annotated[float, Field(gt=0)] = 1.0
     max_steps: PosInt | None = None
-    micro_batch_size: PosInt = 8
+    micro_batch_size: PosInt = Field(8, description="samples per process per forward pass")
     grad_accum: PosInt = 1
+    global_batch_size: PosInt | None = Field(
+        None,
+        description="samples per optimizer step over all processes; derives grad_accum "
+        "from the world size (micro_batch_size x grad_accum x world)",
+    )
     lr: Annotated[float, Field(gt=0)] = 2e-5
     weight_decay: NonNegFloat = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
@@ -111,9 +118,17 @@ class TrainCfg(Section):
 
 
 class DistributedCfg(Section):
-    strategy: Literal["none", "ddp", "zero1", "zero2", "zero3", "zero3_offload", "fsdp2"] = "none"
-    num_processes: PosInt | Literal["auto"] = "auto"
+    strategy: StrategyName = "none"
+    deepspeed_config: str | None = Field(
+        None,
+        description="your own DeepSpeed JSON instead of ds_configs/<strategy>.json; "
+        '"auto" values are filled from the recipe',
+    )
+    num_processes: PosInt | Literal["auto"] = Field(
+        "auto", description="processes per machine (auto: one per GPU, 1 without GPUs)"
+    )
     num_machines: PosInt = 1
+    main_process_port: Annotated[int, Field(ge=1024, le=65535)] = 29500
 
 
 class OutputCfg(Section):

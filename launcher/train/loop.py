@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from launcher.data.build import Datasets, collate, load_datasets
+from launcher.dist.strategies import STRATEGIES
 from launcher.errors import Problem, UserError
 from launcher.models.adapters import apply_adapter
 from launcher.models.build import build_model, load_tokenizer, save_model
 from launcher.recipe.resolve import Schedule, schedule
 from launcher.recipe.schema import Recipe, dump
-from launcher.train import checkpoint, report, rundir
+from launcher.train import checkpoint, distributed, report, rundir
 from launcher.train.optim import build_optimizer, build_scheduler
 from launcher.train.regularize import L2SP, pretrained_parameters
 from launcher.train.signals import StopFlag
@@ -108,12 +109,14 @@ class Trainer:
             torch.set_num_threads(t.num_threads)
         _check_trackers(r.output.report_to)
         _fresh_accelerator_state()
+        self.strategy = STRATEGIES[r.distributed.strategy]
         self.acc = Accelerator(
             mixed_precision="bf16" if t.precision == "bf16" else "no",
-            gradient_accumulation_steps=t.grad_accum,
             log_with=r.output.report_to or None,
             project_dir=str(self.run_dir / "trackers"),
+            kwargs_handlers=distributed.process_group_kwargs(self.strategy),
         )
+        distributed.check_world(self.acc, self.strategy)
         self.main = self.acc.is_main_process
         self.resume_from = rundir.on_main(
             self.acc, lambda: rundir.find_start(self.run_dir, resume, overwrite)
@@ -124,6 +127,8 @@ class Trainer:
             r.data, self.tokenizer, uses_labels=self.task.uses_labels
         )
         self.sched: Schedule = schedule(t, len(self.data.train), self.acc.num_processes)
+        self.acc.gradient_accumulation_steps = self.sched.grad_accum
+        self.acc.print(f"{self.strategy.name}: {self.sched.accounting()}")
         identity = rundir.run_identity(r, self.sched, len(self.data.train))
 
         set_seed(t.seed)  # before the new head is initialised: runs are reproducible
@@ -137,22 +142,29 @@ class Trainer:
         pretrained = pretrained_parameters(model, new_params) if t.l2sp > 0 else []
         model = apply_adapter(model, r.adapter, self.task, quantized=r.quant.bits is not None)
         self.l2sp = L2SP(pretrained, t.l2sp) if t.l2sp > 0 else None
-        self.n_params = sum(p.numel() for p in model.parameters())
-        self.n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        optimizer = build_optimizer(
-            t.optimizer,
-            _param_groups(model, t.weight_decay),
-            lr=t.lr,
-            weight_decay=t.weight_decay,
-            betas=t.betas,
-            eps=t.eps,
-        )
-        # stepped once per optimizer step by the loop (accelerate's wrapper would step it
-        # once per process) and checkpointed alongside the model
-        self.lr_schedule = build_scheduler(
-            t.scheduler, optimizer, self.sched.warmup_steps, self.sched.total_steps
-        )
+        self.n_params = sum(distributed.numel(p) for p in model.parameters())
+        self.n_trainable = sum(distributed.numel(p) for p in model.parameters() if p.requires_grad)
+        groups = _param_groups(model, t.weight_decay)
+        if distributed.deepspeed_builds_optimizer(self.acc):
+            # the DeepSpeed config names the optimizer (ZeRO-Offload: DeepSpeedCPUAdam);
+            # its hyper-parameters were filled from this recipe by the launch plan
+            from accelerate.utils import DummyOptim
+
+            optimizer = DummyOptim(groups, lr=t.lr, weight_decay=t.weight_decay)
+        else:
+            optimizer = build_optimizer(
+                t.optimizer, groups, lr=t.lr, weight_decay=t.weight_decay, betas=t.betas, eps=t.eps
+            )
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        # stepped once per optimizer step by the loop (accelerate's wrapper would step it
+        # once per process) and checkpointed alongside the model; built on the optimizer
+        # that really updates the weights (DeepSpeed's, when it built its own)
+        self.lr_schedule = build_scheduler(
+            t.scheduler,
+            distributed.torch_optimizer(self.optimizer),
+            self.sched.warmup_steps,
+            self.sched.total_steps,
+        )
         self.acc.register_for_checkpointing(self.lr_schedule)
         self.state: dict[str, Any] = {
             "step": 0,
@@ -184,6 +196,7 @@ class Trainer:
                 clear=self.resume_from is None and rundir.holds_run(self.run_dir),
                 resumed_at=self.state["step"] if resumed_here else None,
             )
+            distributed.write_record(self.run_dir, self.acc, self.strategy, self.sched)
         self.acc.wait_for_everyone()
         self.metrics = report.MetricsLog(
             self.run_dir, self.main, self.state["step"] if self.resume_from else None
@@ -258,21 +271,26 @@ class Trainer:
                     with self.acc.accumulate(self.model):
                         out = self.model(**batch)
                         loss = out.loss if self.l2sp is None else out.loss + self.l2sp.penalty()
-                        self.acc.backward(loss)
                         group_loss += out.loss.detach()
                         group_n += 1
                         st["window_tokens"] += int(batch["attention_mask"].sum())
                         st["window_samples"] += batch["input_ids"].shape[0]
+                        if self.acc.sync_gradients:
+                            # checked before the last backward: DeepSpeed applies the update
+                            # inside it, and a non-finite step must never reach the weights
+                            step_loss = self.acc.reduce(
+                                group_loss / group_n, reduction="mean"
+                            ).item()
+                            if not math.isfinite(step_loss):
+                                status = "diverged"
+                                self.acc.print(
+                                    f"\nstep {st['step'] + 1}: loss is {step_loss}; stopping "
+                                    "without applying this update (the last checkpoint is intact)"
+                                )
+                                break
+                        self.acc.backward(loss)
                         if not self.acc.sync_gradients:
                             continue
-                        step_loss = self.acc.reduce(group_loss / group_n, reduction="mean").item()
-                        if not math.isfinite(step_loss):
-                            status = "diverged"
-                            self.acc.print(
-                                f"\nstep {st['step'] + 1}: loss is {step_loss}; stopping without "
-                                "applying this update (the last checkpoint is intact)"
-                            )
-                            break
                         if t.max_grad_norm is not None:
                             norm = self.acc.clip_grad_norm_(
                                 self.model.parameters(), t.max_grad_norm

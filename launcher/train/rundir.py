@@ -21,6 +21,7 @@ from launcher.train import checkpoint, report
 
 RUN_FILES = (
     "recipe.yaml",
+    "distributed.json",
     report.METRICS,
     report.SUMMARY,
     report.PLOT,
@@ -106,7 +107,7 @@ def run_identity(recipe: Recipe, sched: Schedule, n_train: int) -> dict[str, Any
     return {
         "world_size": sched.world_size,
         "micro_batch_size": t.micro_batch_size,
-        "grad_accum": t.grad_accum,
+        "grad_accum": sched.grad_accum,
         "seed": t.seed,
         "train_examples": n_train,
         "total_steps": sched.total_steps,

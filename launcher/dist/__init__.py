@@ -1,0 +1,1 @@
+"""Distributed launch: strategies, planning (pure), cluster environment, estimates."""

@@ -1,0 +1,144 @@
+"""The training process's side of a distributed launch.
+
+`process_group_kwargs` runs before the Accelerator exists and picks the backend (gloo on
+CPU-only hosts, where accelerate would otherwise leave DeepSpeed and FSDP single-process);
+`check_world` runs right after and refuses a world that differs from the launch plan's,
+which is how every silent single-process trap shows up (docs/distributed.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from launcher.dist.plan import ENV_STRATEGY, ENV_WORLD
+from launcher.dist.strategies import Strategy
+from launcher.errors import Problem, UserError
+from launcher.recipe.resolve import Schedule
+
+RECORD = "distributed.json"
+
+
+def _launched_world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def process_group_kwargs(strategy: Strategy) -> list[Any]:
+    """kwargs_handlers for the Accelerator; prepares CPU-only FSDP (see below)."""
+    import torch
+
+    if torch.cuda.is_available() or _launched_world() == 1:
+        return []
+    from accelerate.utils import InitProcessGroupKwargs
+
+    if strategy.kind == "fsdp":
+        # accelerate turns FSDP on only for GPU-like process groups: on a CPU-only host it
+        # silently trains unsharded. Starting the group as gloo and declaring it GPU-like
+        # makes accelerate apply FSDP2 (fully_shard), which runs on CPU tensors over gloo.
+        from accelerate.state import PartialState
+        from accelerate.utils import DistributedType
+
+        state = PartialState(backend="gloo")
+        state.distributed_type = DistributedType.MULTI_GPU
+        return []
+    if strategy.kind == "deepspeed":
+        # without CUDA accelerate picks no backend for DeepSpeed and every rank believes
+        # it is alone (world 1, rank 0), while torch runs a world of N
+        return [InitProcessGroupKwargs(backend="gloo")]
+    return []
+
+
+_EXPECTED_TYPES = {
+    "ddp": ("MULTI_CPU", "MULTI_GPU"),
+    "deepspeed": ("DEEPSPEED",),
+    "fsdp": ("FSDP",),
+}
+
+
+def check_world(acc: Any, strategy: Strategy) -> None:
+    """UserError unless accelerate's world is the planned one and runs `strategy`."""
+    planned = os.environ.get(ENV_WORLD)
+    seen = acc.num_processes
+    dist_type = getattr(acc.distributed_type, "value", str(acc.distributed_type))
+    problems = []
+    if planned is not None and int(planned) != seen:
+        problems.append(
+            f"the launch planned a world of {planned} processes but accelerate sees {seen} "
+            f"(distributed type {dist_type})"
+        )
+    import torch.distributed as td
+
+    if td.is_available() and td.is_initialized() and td.get_world_size() != seen:
+        problems.append(
+            f"torch.distributed has {td.get_world_size()} processes but accelerate counts "
+            f"{seen}: ranks would train unsynchronised"
+        )
+    wanted = _EXPECTED_TYPES.get(strategy.kind)
+    if wanted and seen > 1 and dist_type not in wanted:
+        problems.append(
+            f"distributed.strategy {strategy.name} needs accelerate distributed type "
+            f"{' or '.join(wanted)}, but this process runs {dist_type}"
+        )
+    planned_strategy = os.environ.get(ENV_STRATEGY)
+    if planned_strategy is not None and planned_strategy != strategy.name:
+        problems.append(
+            f"the launch planned strategy {planned_strategy} but the recipe says {strategy.name}"
+        )
+    if problems:
+        raise UserError(
+            [Problem(p, key="distributed.strategy") for p in problems]
+            + [
+                Problem(
+                    "start multi-process runs with `ftl launch RECIPE`; it writes the "
+                    "accelerate and DeepSpeed configs that make every rank join one world"
+                )
+            ],
+            title="this process is not in the world the run needs:",
+        )
+
+
+def numel(p: Any) -> int:
+    """Elements of a parameter, also when ZeRO-3 holds only a slice of it here."""
+    return int(getattr(p, "ds_numel", 0) or p.numel())
+
+
+def torch_optimizer(prepared: Any) -> Any:
+    """The torch optimizer whose param_groups really drive the update.
+
+    accelerate wraps it once; DeepSpeed's ZeRO optimizer (not a torch Optimizer) wraps
+    the client one, or the one its config built (DeepSpeedCPUAdam for ZeRO-Offload).
+    """
+    import torch
+
+    opt = prepared.optimizer
+    while not isinstance(opt, torch.optim.Optimizer):
+        opt = opt.optimizer
+    return opt
+
+
+def deepspeed_config(acc: Any) -> dict[str, Any] | None:
+    plugin = getattr(acc.state, "deepspeed_plugin", None)
+    return plugin.deepspeed_config if plugin is not None else None
+
+
+def deepspeed_builds_optimizer(acc: Any) -> bool:
+    cfg = deepspeed_config(acc)
+    return cfg is not None and "optimizer" in cfg
+
+
+def write_record(run_dir: Path, acc: Any, strategy: Strategy, sched: Schedule) -> None:
+    """`distributed.json` in the run folder: how the world and the batch were made."""
+    record = {
+        "strategy": strategy.name,
+        "distributed_type": getattr(acc.distributed_type, "value", str(acc.distributed_type)),
+        "world_size": acc.num_processes,
+        "micro_batch_size": sched.micro_batch_size,
+        "grad_accum": sched.grad_accum,
+        "global_batch": sched.global_batch,
+        "accounting": sched.accounting(),
+        "mixed_precision": acc.mixed_precision,
+        "deepspeed_config": deepspeed_config(acc),
+    }
+    (run_dir / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
