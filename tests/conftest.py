@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,11 +12,53 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# DeepSpeed JIT-compiles two C++ ops on CPU (shared-memory allreduce ~80 s, cpu_adam for
+# ZeRO-Offload ~70 s). Compiled once per checkout (so once per CI run) into this cache,
+# in the background while other tests run; `deepspeed_ops` waits for it.
+os.environ.setdefault(
+    "TORCH_EXTENSIONS_DIR",
+    str(Path(__file__).resolve().parent.parent / ".cache" / "torch_extensions"),
+)
 sys.path.insert(0, str(Path(__file__).parent / "assets"))
 
 import make_tiny  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+_ops_build: dict[str, subprocess.Popen] = {}
+
+WARM_OPS = """
+import sys
+from deepspeed.ops.op_builder.cpu import CPUAdamBuilder, ShareMemCommBuilder
+{"shm": ShareMemCommBuilder, "adam": CPUAdamBuilder}[sys.argv[1]]().load(verbose=False)
+"""
+
+
+def pytest_collection_modifyitems(config, items):
+    """Start compiling DeepSpeed's CPU ops as soon as a test that needs them is selected."""
+    import importlib.util
+
+    needs = any(
+        "deepspeed_ops" in getattr(i, "fixturenames", ()) or i.get_closest_marker("dist")
+        for i in items
+    )
+    if needs and not _ops_build and importlib.util.find_spec("deepspeed") is not None:
+        log = Path(os.environ["TORCH_EXTENSIONS_DIR"])
+        log.mkdir(parents=True, exist_ok=True)
+        for op in ("shm", "adam"):
+            _ops_build[op] = subprocess.Popen(
+                [sys.executable, "-c", WARM_OPS, op],
+                stdout=open(log / f"build-{op}.log", "w"),  # noqa: SIM115 - lives past this call
+                stderr=subprocess.STDOUT,
+            )
+
+
+@pytest.fixture(scope="session")
+def deepspeed_ops() -> None:
+    """DeepSpeed's CPU ops are compiled and cached (see TORCH_EXTENSIONS_DIR above)."""
+    for op, proc in _ops_build.items():
+        rc = proc.wait(timeout=900)
+        log = Path(os.environ["TORCH_EXTENSIONS_DIR"]) / f"build-{op}.log"
+        assert rc == 0, f"compiling DeepSpeed's {op} op failed:\n{log.read_text()[-3000:]}"
 
 
 @pytest.fixture(scope="session")

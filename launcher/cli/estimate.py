@@ -38,6 +38,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     hw.add_argument("--gpu-mem", type=float, required=True, metavar="GB", help="GiB per GPU")
     hw.add_argument(
+        "--cpu-mem",
+        type=float,
+        metavar="GB",
+        help="GiB of CPU memory per machine; when given, a strategy must fit it too",
+    )
+    hw.add_argument(
         "--num-machines",
         type=_count,
         default=None,
@@ -94,8 +100,13 @@ def _hardware(args: argparse.Namespace, recipe: object) -> object:
     gpus = args.gpus or (dist.num_processes if isinstance(dist.num_processes, int) else 1)
     if not args.gpu_mem > 0:
         raise UserError(Problem(f"--gpu-mem must be above 0 GiB, got {args.gpu_mem}"))
+    if args.cpu_mem is not None and not args.cpu_mem > 0:
+        raise UserError(Problem(f"--cpu-mem must be above 0 GiB, got {args.cpu_mem}"))
     return Hardware(
-        gpus=gpus, gpu_mem_gib=args.gpu_mem, machines=args.num_machines or dist.num_machines
+        gpus=gpus,
+        gpu_mem_gib=args.gpu_mem,
+        machines=args.num_machines or dist.num_machines,
+        cpu_mem_gib=args.cpu_mem,
     )
 
 
@@ -153,7 +164,8 @@ def render(result: object, recipe_path: str) -> str:
         f"trainable ({adapter}); {f.layers} layers, hidden {f.hidden}, vocab {f.vocab}",
         f"# micro-batch {w.micro_batch} x {w.seq_len} tokens per GPU, model {w.model_dtype}, "
         f"precision {w.precision}, optimizer {w.optimizer}; {hw.gpus} GPU(s) x "
-        f"{hw.machines} machine(s) = {hw.world}, {hw.gpu_mem_gib:g} GiB each",
+        f"{hw.machines} machine(s) = {hw.world}, {hw.gpu_mem_gib:g} GiB each"
+        + (f", {hw.cpu_mem_gib:g} GiB CPU memory per machine" if hw.cpu_mem_gib else ""),
         "# GiB per GPU (CPU: GiB per machine); facts from " + (f.source or "?"),
     ]
     head = ("strategy", "params", "grads", "optim", "activ", "act+ckpt", "total", "tot+ckpt")
@@ -162,9 +174,9 @@ def render(result: object, recipe_path: str) -> str:
     for r in result.rows:
         if not r.candidate:
             fits = "-"
-        elif result.fits(r.total):
+        elif result.fits(r):
             fits = "yes"
-        elif result.fits(r.total_ckpt):
+        elif result.fits(r, ckpt=True):
             fits = "with ckpt"
         else:
             fits = "no"
@@ -175,7 +187,9 @@ def render(result: object, recipe_path: str) -> str:
         )
     widths = [max(len(row[i]) for row in table) for i in range(len(head) - 1)]
     for row in table:
-        cols = [row[0].ljust(widths[0])] + [c.rjust(wd) for c, wd in zip(row[1:-1], widths[1:])]
+        cols = [row[0].ljust(widths[0])] + [
+            c.rjust(wd) for c, wd in zip(row[1:-1], widths[1:], strict=True)
+        ]
         lines.append("  ".join(cols + [row[-1]]))
     if result.cheapest:
         lines.append(f"cheapest that fits: {result.cheapest.describe()}")
@@ -186,5 +200,8 @@ def render(result: object, recipe_path: str) -> str:
         if w.quant_bits is None:
             tips.append("quant.bits=4 with LoRA (QLoRA)")
         tips += ["a smaller train.micro_batch_size or data.max_length", "more GPUs"]
-        lines.append(f"nothing fits in {hw.gpu_mem_gib:g} GiB per GPU; try: " + "; ".join(tips))
+        cpu = f" and {hw.cpu_mem_gib:g} GiB per machine" if hw.cpu_mem_gib else ""
+        lines.append(
+            f"nothing fits in {hw.gpu_mem_gib:g} GiB per GPU{cpu}; try: " + "; ".join(tips)
+        )
     return "\n".join(lines)

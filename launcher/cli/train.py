@@ -30,8 +30,8 @@ def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.override)
     if recipe.distributed.strategy != "none" and "WORLD_SIZE" not in os.environ:
         print(
-            f"ftl train: note: distributed.strategy={recipe.distributed.strategy} applies when the "
-            "run is started by a multi-process launcher; this is one process on this machine",
+            f"ftl train: note: distributed.strategy={recipe.distributed.strategy} needs several "
+            f"processes; this is one. Start them with: ftl launch {args.recipe} --num-processes N",
             file=sys.stderr,
         )
     from launcher.train.loop import EXIT_STOPPED, train

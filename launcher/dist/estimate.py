@@ -21,7 +21,6 @@ Conventions (docs/estimate.md derives them):
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -80,6 +79,7 @@ class Hardware:
     gpus: int  # per machine
     gpu_mem_gib: float
     machines: int = 1
+    cpu_mem_gib: float | None = None  # per machine; None: not checked
 
     @property
     def world(self) -> int:
@@ -134,8 +134,12 @@ class Estimate:
     def row(self, name: str) -> Row:
         return next(r for r in self.rows if r.strategy == name)
 
-    def fits(self, nbytes: int) -> bool:
-        return nbytes <= self.hardware.gpu_mem_gib * GIB
+    def fits(self, row: Row, ckpt: bool = False) -> bool:
+        """`row` is a candidate and fits the GPU (and the CPU memory, when given)."""
+        hw = self.hardware
+        gpu_ok = (row.total_ckpt if ckpt else row.total) <= hw.gpu_mem_gib * GIB
+        cpu_ok = hw.cpu_mem_gib is None or row.cpu <= hw.cpu_mem_gib * GIB
+        return row.candidate and gpu_ok and cpu_ok
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for `--json`: every size in bytes."""
@@ -145,8 +149,8 @@ class Estimate:
             d.update(
                 total=r.total,
                 total_ckpt=r.total_ckpt,
-                fits=r.candidate and self.fits(r.total),
-                fits_ckpt=r.candidate and self.fits(r.total_ckpt),
+                fits=self.fits(r),
+                fits_ckpt=self.fits(r, ckpt=True),
             )
             rows.append(d)
         return {
@@ -186,8 +190,11 @@ def activation_bytes(facts: ModelFacts, work: Workload) -> tuple[int, int]:
       dropout        masks (1 B) and outputs of attention/residual/LoRA dropouts
     plus a final norm, and the loss: logits (e), fp32 log-probs, their gradient and the
     logits' fp32 gradient coexist when backward starts: V·(e + 12) bytes per token.
-    Checkpointing keeps each block's input (eh) and recomputes one block at a time, after
-    the loss's buffers are gone: the peak is the larger of the two moments.
+    LoRA adds, per adapted linear layer, its dropout's output and mask (dropout > 0) and an
+    fp32 copy of a 16-bit input (PEFT keeps adapters in fp32).
+    Checkpointing keeps each block's input (eh) and recomputes one block at a time (its
+    activations, then as much again in gradients flowing through it), after the loss's
+    buffers are gone: the peak is the larger of the two moments.
     """
     h, i, a, s = facts.hidden, facts.intermediate, facts.heads, work.seq_len
     e = 2 if _half_activations(work) else 4
@@ -198,11 +205,13 @@ def activation_bytes(facts: ModelFacts, work: Workload) -> tuple[int, int]:
     if facts.hidden_dropout:
         block += 2 * h  # masks; the outputs are the next norm's input
     if work.adapter == "lora" and work.lora_dropout > 0:
-        block += (1 + e) * facts.lora_inputs
+        block += (1 + e) * facts.lora_inputs  # each adapter's dropout output and mask
+    if work.adapter == "lora" and work.quant_bits is None and work.model_dtype != "float32":
+        block += 4 * facts.lora_inputs  # PEFT upcasts 16-bit inputs to its fp32 adapters
     logits = facts.vocab * (e + 12) if work.lm_logits else 0
     tokens = work.micro_batch * s
     full = tokens * (facts.layers * block + norm + logits)
-    ckpt = tokens * (facts.layers * e * h + norm + max(logits, block))
+    ckpt = tokens * (facts.layers * e * h + norm + max(logits, 2 * block))
     return full, ckpt
 
 
@@ -296,8 +305,7 @@ def estimate(facts: ModelFacts, work: Workload, hw: Hardware) -> Estimate:
     order = [(n, False) for n in plain] + [(n, True) for n in plain]
     order += [(n, c) for n in offload for c in (False, True)]
     for name, ckpt in order:
-        row = result.row(name)
-        if result.fits(row.total_ckpt if ckpt else row.total):
+        if result.fits(result.row(name), ckpt):
             return Estimate(facts, work, hw, rows, Choice(name, ckpt))
     return result
 
@@ -477,12 +485,3 @@ def _blocks(model: Any, count: int | None) -> Any:
     if not (exact or lists):
         raise UserError(Problem(f"cannot find the transformer blocks of {type(model).__name__}"))
     return max(exact or lists, key=len)
-
-
-def gib(nbytes: float) -> float:
-    return nbytes / GIB
-
-
-def round_sig(x: float) -> float:
-    """`x` to three significant digits (for messages)."""
-    return 0.0 if x == 0 else round(x, 2 - int(math.floor(math.log10(abs(x)))))

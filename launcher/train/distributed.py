@@ -128,7 +128,30 @@ def deepspeed_builds_optimizer(acc: Any) -> bool:
     return cfg is not None and "optimizer" in cfg
 
 
-def write_record(run_dir: Path, acc: Any, strategy: Strategy, sched: Schedule) -> None:
+def memory_per_rank(acc: Any, rss_before_model_mb: float) -> list[dict[str, float]]:
+    """Every rank's peak memory (call on all ranks): RSS peak, RSS before the model was
+    built (imports, data), and the GPU peak when there is a GPU."""
+    from launcher.train.report import peak_memory_mb
+
+    mine = {k: round(v, 1) for k, v in peak_memory_mb().items()}
+    mine["rss_before_model_mb"] = round(rss_before_model_mb, 1)
+    if acc.num_processes == 1:
+        return [mine]
+    from accelerate.utils import gather_object
+
+    return list(gather_object([mine]))
+
+
+def fsdp_units(model: Any) -> list[str]:
+    """Classes that FSDP2 made into units (fully_shard renames them FSDP<Class>)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return []
+    return sorted({type(m).__name__ for m in model.modules() if isinstance(m, FSDPModule)})
+
+
+def write_record(run_dir: Path, acc: Any, strategy: Strategy, sched: Schedule, model: Any) -> None:
     """`distributed.json` in the run folder: how the world and the batch were made."""
     record = {
         "strategy": strategy.name,
@@ -140,5 +163,6 @@ def write_record(run_dir: Path, acc: Any, strategy: Strategy, sched: Schedule) -
         "accounting": sched.accounting(),
         "mixed_precision": acc.mixed_precision,
         "deepspeed_config": deepspeed_config(acc),
+        "fsdp_units": fsdp_units(model) if strategy.kind == "fsdp" else None,
     }
     (run_dir / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")

@@ -131,6 +131,7 @@ class Trainer:
         self.acc.print(f"{self.strategy.name}: {self.sched.accounting()}")
         identity = rundir.run_identity(r, self.sched, len(self.data.train))
 
+        self.rss_before_model_mb = report.rss_now_mb()
         set_seed(t.seed)  # before the new head is initialised: runs are reproducible
         model, new_params = build_model(
             r.model, r.quant, self.task, self.data.labels, self.tokenizer.pad_token_id
@@ -196,7 +197,7 @@ class Trainer:
                 clear=self.resume_from is None and rundir.holds_run(self.run_dir),
                 resumed_at=self.state["step"] if resumed_here else None,
             )
-            distributed.write_record(self.run_dir, self.acc, self.strategy, self.sched)
+            distributed.write_record(self.run_dir, self.acc, self.strategy, self.sched, self.model)
         self.acc.wait_for_everyone()
         self.metrics = report.MetricsLog(
             self.run_dir, self.main, self.state["step"] if self.resume_from else None
@@ -486,6 +487,7 @@ class Trainer:
             "resumed_from": str(self.resume_from) if self.resume_from else None,
             "model_dir": str(self.run_dir / "model") if (self.run_dir / "model").exists() else None,
             **report.peak_memory_mb(),
+            "memory_per_rank": distributed.memory_per_rank(self.acc, self.rss_before_model_mb),
         }
         if self.main:
             report.write_summary(self.run_dir, summary)

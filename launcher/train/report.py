@@ -53,6 +53,15 @@ def peak_memory_mb() -> dict[str, float]:
     return out
 
 
+def rss_now_mb() -> float:
+    """Resident memory of this process right now (Linux; 0 where unknown)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0.0
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     tmp = run_dir / f".{SUMMARY}.tmp"
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
