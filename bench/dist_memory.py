@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -26,7 +27,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "assets"))
 
-STRATEGIES = ["ddp", "zero2", "zero3", "zero3_offload"]
+STRATEGIES = ["ddp", "zero2", "zero3", "zero3_offload", "zero3:scaled", "zero3_offload:scaled"]
+# ":scaled": the shipped config with stage3_max_live_parameters / stage3_max_reuse_distance
+# scaled to this model. The shipped 1e9 (DeepSpeed's default) is ~14% of a 7B model, but
+# 10x this whole 95M model: ZeRO-3 then keeps every gathered weight from forward to
+# backward and only optimizer states and gradients stay sharded. 1e7 is the same share
+# of this model as 1e9 is of a 7B one.
+SCALED = 10_000_000
 
 
 def make_model(out: Path) -> int:
@@ -66,6 +73,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", default="bench-out/dist-memory")
     ap.add_argument("--strategies", nargs="*", default=STRATEGIES)
+    ap.add_argument(
+        "--precision", default="bf16", choices=["bf16", "fp32"], help="train.precision"
+    )
     args = ap.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -90,14 +100,26 @@ train:
   max_steps: {args.steps}
   micro_batch_size: 2
   lr: 1.0e-4
+  precision: {args.precision}
   log_every: 1
   fast_dropout: false
 output: {{dir: {out / "unused"}, save_model: false}}
 """
     )
     rows = {}
-    for strategy in args.strategies:
-        run = out / f"run-{strategy}"
+    for name in args.strategies:
+        strategy, _, variant = name.partition(":")
+        run = out / f"run-{strategy}-{variant or 'shipped'}"
+        extra = []
+        if variant == "scaled":
+            from launcher.assets import data_path
+
+            cfg = json.loads(data_path("ds_configs", f"{strategy}.json").read_text())
+            cfg["zero_optimization"]["stage3_max_live_parameters"] = SCALED
+            cfg["zero_optimization"]["stage3_max_reuse_distance"] = SCALED
+            path = out / f"{strategy}-scaled.json"
+            path.write_text(json.dumps(cfg, indent=2))
+            extra = ["-o", f"distributed.deepspeed_config={path}"]
         cmd = [
             sys.executable,
             "-m",
@@ -113,15 +135,24 @@ output: {{dir: {out / "unused"}, save_model: false}}
             f"distributed.strategy={strategy}",
             "-o",
             f"output.dir={run}",
+            *extra,
         ]
         t0 = time.time()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        # RSS as a measure of live memory: glibc returns freed blocks at once (ftl's CPU
+        # malloc tuning keeps them for speed, which would inflate every peak)
+        env = {
+            **os.environ,
+            "FTL_KEEP_FREED_MEMORY": "0",
+            "MALLOC_MMAP_THRESHOLD_": "131072",
+            "MALLOC_TRIM_THRESHOLD_": "131072",
+        }
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             print(proc.stdout[-3000:], proc.stderr[-3000:])
-            raise SystemExit(f"{strategy} failed")
+            raise SystemExit(f"{name} failed")
         summary = json.loads((run / "summary.json").read_text())
         ranks = summary["memory_per_rank"]
-        rows[strategy] = {
+        rows[name] = {
             "peak_rss_mb": max(r["peak_rss_mb"] for r in ranks),
             "baseline_mb": max(r["rss_before_model_mb"] for r in ranks),
             "training_mb": max(r["peak_rss_mb"] - r["rss_before_model_mb"] for r in ranks),
@@ -129,10 +160,10 @@ output: {{dir: {out / "unused"}, save_model: false}}
             "wall_s": round(time.time() - t0, 1),
             "loss": summary["final_train_loss"],
         }
-        print(strategy, rows[strategy], flush=True)
+        print(name, rows[name], flush=True)
     ddp = rows.get("ddp")
     n = n or next(iter(rows.values()))["params"]
-    print(f"\n{n / 1e6:.1f}M parameters, 2 ranks, {args.steps} steps\n")
+    print(f"\n{n / 1e6:.1f}M parameters, 2 ranks, {args.steps} steps, {args.precision}\n")
     print("| strategy | peak RSS per rank (MB) | before model (MB) | training (MB) | vs DDP |")
     print("|---|---|---|---|---|")
     for s, r in rows.items():

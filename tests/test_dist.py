@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -283,3 +284,34 @@ def test_two_machines_on_loopback_train_as_one_world(strategy, dist_recipe, ddp,
     assert rec["world_size"] == 2
     a, b = losses(ddp), losses(out)
     assert max(abs(x - y) for x, y in zip(a, b, strict=True)) <= TOL
+
+
+def test_sigterm_to_ftl_launch_checkpoints_every_rank_and_exits_3(dist_recipe, tmp_path):
+    out = tmp_path / "run"
+    proc = ftl(
+        "launch",
+        str(dist_recipe),
+        "--num-processes=2",
+        f"--main-process-port={free_port()}",
+        "-o",
+        f"output.dir={out}",
+        "-o",
+        "train.max_steps=100000",
+        "-o",
+        "train.save_every=null",
+    )
+    deadline = time.time() + 180
+    while time.time() < deadline and not (out / "metrics.jsonl").exists():
+        time.sleep(0.2)
+    assert (out / "metrics.jsonl").exists(), proc.communicate()[0][-4000:]
+    proc.send_signal(signal.SIGTERM)
+    text, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 3, text[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "stopped" and 0 < summary["steps"] < 100000
+    ckpt = out / "checkpoints" / f"step-{summary['steps']:08d}"
+    assert (ckpt / "COMPLETE").is_file()
+    assert sorted(p.name for p in ckpt.glob("random_states_*.pkl")) == [
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    ]

@@ -143,24 +143,47 @@ def run(args: argparse.Namespace) -> int:
         )
         for note in plan.notes:
             print(f"ftl launch: note: {note}", file=sys.stderr, flush=True)
-        return _execute(plan.argv, {**os.environ, **plan.env})
+        rc, signalled = _execute(plan.argv, {**os.environ, **plan.env})
+    return _exit_code(rc, signalled, Path(recipe.output.dir))
 
 
-def _execute(argv: list[str], environ: dict[str, str]) -> int:
-    """Run the launcher; forward SIGTERM/SIGINT/SIGUSR1 so every rank can checkpoint."""
+def _exit_code(rc: int, signalled: bool, run_dir: Path) -> int:
+    """torchrun reports any rank's non-zero exit as 1: recover ftl's own codes."""
+    if rc == 0 or not signalled:
+        return rc
+    import json
+
+    from launcher.train.loop import EXIT_STOPPED
+
+    try:
+        status = json.loads((run_dir / "summary.json").read_text()).get("status")
+    except (OSError, ValueError):
+        return rc
+    return EXIT_STOPPED if status == "stopped" else rc
+
+
+def _execute(argv: list[str], environ: dict[str, str]) -> tuple[int, bool]:
+    """Run the launcher; forward SIGTERM/SIGINT/SIGUSR1 so every rank can checkpoint.
+
+    torchrun passes SIGTERM and SIGINT on to every rank (which then save a checkpoint and
+    stop) and kills them if they take more than its grace period (30 s); SIGUSR1, which
+    torchrun does not handle, is sent on as SIGTERM.
+    """
     child = subprocess.Popen(argv, env=environ)
     forwarded = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
     previous = {s: signal.getsignal(s) for s in forwarded}
+    got: list[int] = []
 
     def forward(signum: int, _frame: object) -> None:
-        child.send_signal(signum)
+        got.append(signum)
+        child.send_signal(signal.SIGTERM if signum == signal.SIGUSR1 else signum)
 
     for s in forwarded:
         signal.signal(s, forward)
     try:
         while True:
             try:
-                return child.wait()
+                return child.wait(), bool(got)
             except InterruptedError:  # pragma: no cover - PEP 475 retries for us
                 continue
     finally:

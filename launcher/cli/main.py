@@ -60,5 +60,25 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _exit_rank(code: int) -> None:
+    """Leave a process of a multi-process run without running C++ static destructors.
+
+    Once the run is over (process group destroyed, files closed), interpreter shutdown can
+    still abort a rank with "terminate called without an active exception" (a native
+    thread torn down at exit), which torchrun reports as a failed run. Nothing is left to
+    clean up at this point, so skip that phase.
+    """
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    import os
+
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        _exit_rank(code)
+    raise SystemExit(code)

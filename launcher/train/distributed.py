@@ -128,13 +128,14 @@ def deepspeed_builds_optimizer(acc: Any) -> bool:
     return cfg is not None and "optimizer" in cfg
 
 
-def memory_per_rank(acc: Any, rss_before_model_mb: float) -> list[dict[str, float]]:
-    """Every rank's peak memory (call on all ranks): RSS peak, RSS before the model was
-    built (imports, data), and the GPU peak when there is a GPU."""
+def memory_per_rank(acc: Any, rss_mb: dict[str, float]) -> list[dict[str, float]]:
+    """Every rank's memory (call on all ranks): peak RSS, RSS at each setup phase
+    (`rss_before_model_mb`: imports and data, the same for every strategy), and the GPU
+    peak when there is a GPU."""
     from launcher.train.report import peak_memory_mb
 
     mine = {k: round(v, 1) for k, v in peak_memory_mb().items()}
-    mine["rss_before_model_mb"] = round(rss_before_model_mb, 1)
+    mine.update({f"rss_{phase}_mb": round(v, 1) for phase, v in rss_mb.items()})
     if acc.num_processes == 1:
         return [mine]
     from accelerate.utils import gather_object

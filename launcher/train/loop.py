@@ -131,11 +131,12 @@ class Trainer:
         self.acc.print(f"{self.strategy.name}: {self.sched.accounting()}")
         identity = rundir.run_identity(r, self.sched, len(self.data.train))
 
-        self.rss_before_model_mb = report.rss_now_mb()
+        self.rss_mb = {"before_model": report.rss_now_mb()}  # per phase, in the summary
         set_seed(t.seed)  # before the new head is initialised: runs are reproducible
         model, new_params = build_model(
             r.model, r.quant, self.task, self.data.labels, self.tokenizer.pad_token_id
         )
+        self.rss_mb["after_model"] = report.rss_now_mb()
         if t.fast_dropout and self.acc.device.type == "cpu":
             from launcher.models.fast_dropout import enable
 
@@ -157,6 +158,8 @@ class Trainer:
                 t.optimizer, groups, lr=t.lr, weight_decay=t.weight_decay, betas=t.betas, eps=t.eps
             )
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        self.rss_mb["after_prepare"] = report.rss_now_mb()
+        self.rss_mb["peak_until_prepare"] = report.peak_memory_mb()["peak_rss_mb"]
         # stepped once per optimizer step by the loop (accelerate's wrapper would step it
         # once per process) and checkpointed alongside the model; built on the optimizer
         # that really updates the weights (DeepSpeed's, when it built its own)
@@ -487,13 +490,15 @@ class Trainer:
             "resumed_from": str(self.resume_from) if self.resume_from else None,
             "model_dir": str(self.run_dir / "model") if (self.run_dir / "model").exists() else None,
             **report.peak_memory_mb(),
-            "memory_per_rank": distributed.memory_per_rank(self.acc, self.rss_before_model_mb),
+            "memory_per_rank": distributed.memory_per_rank(self.acc, self.rss_mb),
         }
         if self.main:
             report.write_summary(self.run_dir, summary)
             report.plot(self.run_dir, records)
-        if self.recipe.output.report_to:
-            self.acc.end_training()
+        # every rank leaves together and takes the process group down cleanly (a rank that
+        # exits while gloo threads still serve another one aborts in C++)
+        self.acc.wait_for_everyone()
+        self.acc.end_training()
         return summary
 
 
