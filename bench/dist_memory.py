@@ -73,9 +73,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", default="bench-out/dist-memory")
     ap.add_argument("--strategies", nargs="*", default=STRATEGIES)
-    ap.add_argument(
-        "--precision", default="bf16", choices=["bf16", "fp32"], help="train.precision"
-    )
+    ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="train.precision")
     args = ap.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
