@@ -28,11 +28,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "assets"))
 
 STRATEGIES = ["ddp", "zero2", "zero3", "zero3_offload", "zero3:scaled", "zero3_offload:scaled"]
-# ":scaled": the shipped config with stage3_max_live_parameters / stage3_max_reuse_distance
-# scaled to this model. The shipped 1e9 (DeepSpeed's default) is ~14% of a 7B model, but
-# 10x this whole 95M model: ZeRO-3 then keeps every gathered weight from forward to
-# backward and only optimizer states and gradients stay sharded. 1e7 is the same share
-# of this model as 1e9 is of a 7B one.
+# ":scaled": the shipped config with DeepSpeed's three sizes counted in parameters
+# (stage3_max_live_parameters, stage3_max_reuse_distance, sub_group_size) scaled to this
+# model. Their default 1e9 is ~14% of a 7B model but 10x this whole 95M model: ZeRO-3 then
+# keeps every gathered weight from forward to backward and steps the optimizer over the
+# whole partition at once. 1e7 is the same share of this model as 1e9 is of a 7B one.
 SCALED = 10_000_000
 
 
@@ -115,6 +115,7 @@ output: {{dir: {out / "unused"}, save_model: false}}
             cfg = json.loads(data_path("ds_configs", f"{strategy}.json").read_text())
             cfg["zero_optimization"]["stage3_max_live_parameters"] = SCALED
             cfg["zero_optimization"]["stage3_max_reuse_distance"] = SCALED
+            cfg["zero_optimization"]["sub_group_size"] = SCALED
             path = out / f"{strategy}-scaled.json"
             path.write_text(json.dumps(cfg, indent=2))
             extra = ["-o", f"distributed.deepspeed_config={path}"]

@@ -311,3 +311,24 @@ def test_launch_inside_a_launched_process_is_refused(make, capsys, monkeypatch):
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
     assert main(["launch", str(path), "--dry-run"]) == 2
     assert "run `ftl train` instead" in capsys.readouterr().err
+
+
+def test_a_process_outside_the_planned_world_refuses_to_train(chat_recipe, tmp_path, capsys,
+                                                              monkeypatch):  # fmt: skip
+    # what every silent single-process trap looks like from inside: the plan said 2, the
+    # process is alone (e.g. `accelerate launch --cpu --num_processes 2` starts one)
+    monkeypatch.setenv("FTL_WORLD_SIZE", "2")
+    monkeypatch.setenv("FTL_STRATEGY", "ddp")
+    rc = main(["train", str(chat_recipe), "-o", "distributed.strategy=ddp"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "planned a world of 2 processes but accelerate sees 1" in err
+    assert "ftl launch" in err and "Traceback" not in err
+    assert not (tmp_path / "chat-run").exists()
+
+
+def test_planned_strategy_must_match_the_recipe(chat_recipe, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FTL_WORLD_SIZE", "1")
+    monkeypatch.setenv("FTL_STRATEGY", "zero3")
+    assert main(["train", str(chat_recipe)]) == 2
+    assert "planned strategy zero3 but the recipe says none" in capsys.readouterr().err
