@@ -27,13 +27,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "assets"))
 
-STRATEGIES = ["ddp", "zero2", "zero3", "zero3_offload", "zero3:scaled", "zero3_offload:scaled"]
-# ":scaled": the shipped config with DeepSpeed's three sizes counted in parameters
-# (stage3_max_live_parameters, stage3_max_reuse_distance, sub_group_size) scaled to this
-# model. Their default 1e9 is ~14% of a 7B model but 10x this whole 95M model: ZeRO-3 then
-# keeps every gathered weight from forward to backward and steps the optimizer over the
-# whole partition at once. 1e7 is the same share of this model as 1e9 is of a 7B one.
-SCALED = 10_000_000
+STRATEGIES = ["ddp", "zero2", "zero3", "zero3_offload", "zero3:ds-default"]
+# ":ds-default": ZeRO-3 with DeepSpeed's own 1e9 for the three sizes it counts in parameters
+# (stage3_max_live_parameters, stage3_max_reuse_distance, sub_group_size) instead of ftl's
+# model-relative fill (1/7 of the parameters, capped at 1e9: launcher/train/distributed.py).
+DS_DEFAULT = 1_000_000_000
 
 
 def make_model(out: Path) -> int:
@@ -109,14 +107,17 @@ output: {{dir: {out / "unused"}, save_model: false}}
         strategy, _, variant = name.partition(":")
         run = out / f"run-{strategy}-{variant or 'shipped'}"
         extra = []
-        if variant == "scaled":
+        if variant == "ds-default":
             from launcher.assets import data_path
 
             cfg = json.loads(data_path("ds_configs", f"{strategy}.json").read_text())
-            cfg["zero_optimization"]["stage3_max_live_parameters"] = SCALED
-            cfg["zero_optimization"]["stage3_max_reuse_distance"] = SCALED
-            cfg["zero_optimization"]["sub_group_size"] = SCALED
-            path = out / f"{strategy}-scaled.json"
+            for key in (
+                "stage3_max_live_parameters",
+                "stage3_max_reuse_distance",
+                "sub_group_size",
+            ):
+                cfg["zero_optimization"][key] = DS_DEFAULT
+            path = out / f"{strategy}-ds-default.json"
             path.write_text(json.dumps(cfg, indent=2))
             extra = ["-o", f"distributed.deepspeed_config={path}"]
         cmd = [

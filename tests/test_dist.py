@@ -195,6 +195,9 @@ def test_zero3_matches_ddp_and_saves_a_complete_model(ddp, zero3):
     assert rec["deepspeed_config"]["zero_optimization"]["stage"] == 3
     assert rec["deepspeed_config"]["train_micro_batch_size_per_gpu"] == 4
     assert rec["deepspeed_config"]["gradient_accumulation_steps"] == 1
+    zero = rec["deepspeed_config"]["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 32 * 32  # filled from the hidden size by accelerate
+    assert zero["stage3_max_live_parameters"] == zero["sub_group_size"] == 1_000_000  # by ftl
     a, b = losses(ddp), losses(zero3)
     assert max(abs(x - y) for x, y in zip(a, b, strict=True)) <= TOL
     saved = weights(zero3 / "model")
@@ -315,3 +318,12 @@ def test_sigterm_to_ftl_launch_checkpoints_every_rank_and_exits_3(dist_recipe, t
         "random_states_0.pkl",
         "random_states_1.pkl",
     ]
+
+
+def test_one_process_zero3_offload_still_runs_deepspeed(dist_recipe, ddp, tmp_path, deepspeed_ops):
+    # one GPU + ZeRO-Offload is the reason offload exists: one process must not drop it
+    out = launch(dist_recipe, tmp_path / "run", "distributed.strategy=zero3_offload", procs=1)
+    rec = json.loads((out / "distributed.json").read_text())
+    assert (rec["distributed_type"], rec["world_size"], rec["grad_accum"]) == ("DEEPSPEED", 1, 2)
+    a, b = losses(ddp), losses(out)
+    assert max(abs(x - y) for x, y in zip(a, b, strict=True)) <= TOL

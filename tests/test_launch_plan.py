@@ -183,7 +183,7 @@ def test_users_deepspeed_config_must_agree_with_the_recipe(make, tmp_path):
             {
                 "train_micro_batch_size_per_gpu": 16,
                 "gradient_accumulation_steps": "auto",
-                "zero_optimization": {"stage": 3, "sub_group_size": "auto"},
+                "zero_optimization": {"stage": 3, "allgather_bucket_size": "auto"},
                 "scheduler": {"type": "WarmupLR"},
                 "fp16": {"enabled": True},
             }
@@ -196,7 +196,7 @@ def test_users_deepspeed_config_must_agree_with_the_recipe(make, tmp_path):
     msg = str(e.value)
     assert "train_micro_batch_size_per_gpu=16" in msg and "train.micro_batch_size" in msg
     assert "stage 3" in msg and "zero2" in msg
-    assert "scheduler" in msg and "fp16" in msg and "sub_group_size" in msg
+    assert "scheduler" in msg and "fp16" in msg and "allgather_bucket_size" in msg
 
 
 def test_users_deepspeed_config_with_autos_is_used(make, tmp_path):
@@ -260,7 +260,7 @@ def test_dry_run_prints_command_env_and_configs(make, capsys):
 
 def test_cli_takes_cluster_facts_from_slurm_but_arguments_win(make, capsys, monkeypatch):
     path, _ = make("ddp")
-    for k, v in {"SLURM_JOB_ID": "1", "SLURM_NODEID": "1", "SLURM_NNODES": "2",
+    for k, v in {"SLURM_JOB_ID": "1", "SLURM_NODEID": "1", "SLURM_NNODES": "2", "SLURM_STEP_ID": "3",
                  "SLURM_JOB_NODELIST": "n[5-6]"}.items():  # fmt: skip
         monkeypatch.setenv(k, v)
     assert main(["launch", str(path), "--num-processes", "1", "--dry-run"]) == 0
@@ -332,3 +332,99 @@ def test_planned_strategy_must_match_the_recipe(chat_recipe, tmp_path, capsys, m
     monkeypatch.setenv("FTL_STRATEGY", "zero3")
     assert main(["train", str(chat_recipe)]) == 2
     assert "planned strategy zero3 but the recipe says none" in capsys.readouterr().err
+
+
+def test_one_process_deepspeed_still_runs_deepspeed(make):
+    # ZeRO-Offload on one GPU is the point of offload: never silently drop it
+    _, r = make("zero3_offload")
+    p = plan(r, gpus=1, cpus=16)
+    acc, ds = files(p)
+    assert p.world_size == 1 and acc["distributed_type"] == "DEEPSPEED"
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert p.env["OMP_NUM_THREADS"] == "16"  # DeepSpeed's CPU Adam is an OpenMP loop
+
+
+def test_ranks_get_time_to_checkpoint_and_no_inherited_rank(make):
+    _, r = make("ddp")
+    p = plan(r, num_processes=2)
+    assert int(p.env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]) >= 300
+    assert {"WORLD_SIZE", "RANK", "LOCAL_RANK"} <= set(p.unset)
+    assert "unset WORLD_SIZE" in p.render()
+
+
+def test_users_zero3_config_must_let_the_final_model_be_saved(make, tmp_path):
+    own = tmp_path / "ds.json"
+    own.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    _, r = make("zero3")
+    p = build_plan(r, "r.yaml", [], Cluster(num_processes=2), python="PY",
+                   deepspeed_config=load_deepspeed_config(str(own)))  # fmt: skip
+    assert files(p)[1]["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    own.write_text(json.dumps({"zero_optimization": {"stage": 3,
+                   "stage3_gather_16bit_weights_on_model_save": False}}))  # fmt: skip
+    with pytest.raises(UserError, match="final model could not be saved"):
+        build_plan(r, "r.yaml", [], Cluster(num_processes=2), python="PY",
+                   deepspeed_config=load_deepspeed_config(str(own)))  # fmt: skip
+
+
+def test_optimizer_offload_refuses_a_non_adam_optimizer(make, tmp_path):
+    own = tmp_path / "ds.json"
+    own.write_text(
+        json.dumps({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}})
+    )
+    _, r = make("zero2", overrides=["train.optimizer=sgd"])
+    with pytest.raises(UserError, match="replaced silently"):
+        build_plan(r, "r.yaml", [], Cluster(num_processes=2), python="PY",
+                   deepspeed_config=load_deepspeed_config(str(own)))  # fmt: skip
+
+
+def test_stage3_autos_are_refused_below_stage_3(make, tmp_path):
+    own = tmp_path / "ds.json"
+    own.write_text(json.dumps({"zero_optimization": {"stage": 2, "sub_group_size": "auto"}}))
+    _, r = make("zero2")
+    with pytest.raises(UserError, match="sub_group_size"):
+        build_plan(r, "r.yaml", [], Cluster(num_processes=2), python="PY",
+                   deepspeed_config=load_deepspeed_config(str(own)))  # fmt: skip
+
+
+def test_slurm_outside_a_step_or_with_many_tasks_per_node_is_refused(make, capsys, monkeypatch):
+    f = cluster_env.from_environment(
+        {
+            "SLURM_JOB_ID": "9",
+            "SLURM_NODEID": "0",
+            "SLURM_JOB_NUM_NODES": "2",
+            "SLURM_JOB_NODELIST": "n[1-2]",
+        }  # fmt: skip
+    )
+    assert "outside any job step" in f.problem
+    f = cluster_env.from_environment(
+        {
+            "SLURM_JOB_ID": "9",
+            "SLURM_NODEID": "0",
+            "SLURM_JOB_NUM_NODES": "2",
+            "SLURM_STEP_ID": "0",
+            "SLURM_STEP_TASKS_PER_NODE": "8(x2)",
+            "SLURM_JOB_NODELIST": "n[1-2]",
+        }  # fmt: skip
+    )
+    assert "8 tasks per node" in f.problem
+    path, _ = make("ddp")
+    for k, v in {"SLURM_JOB_ID": "9", "SLURM_NODEID": "0", "SLURM_JOB_NUM_NODES": "2",
+                 "SLURM_JOB_NODELIST": "n[1-2]"}.items():  # fmt: skip
+        monkeypatch.setenv(k, v)
+    assert main(["launch", str(path), "--dry-run"]) == 2
+    assert "srun --ntasks-per-node=1" in capsys.readouterr().err
+
+
+def test_kubeflow_variables():
+    f = cluster_env.from_environment({"PET_MASTER_ADDR": "job-master-0", "PET_NNODES": "4",
+                                      "PET_NODE_RANK": "2", "PET_MASTER_PORT": "23456"})  # fmt: skip
+    assert (f.num_machines, f.machine_rank, f.main_process_ip, f.main_process_port) == (
+        4, 2, "job-master-0", 23456)  # fmt: skip
+
+
+@pytest.mark.parametrize("port", ["70000", "80"])
+def test_bad_ports_are_user_errors(make, capsys, port):
+    path, _ = make("ddp")
+    rc = main(["launch", str(path), "--num-processes=2", f"--main-process-port={port}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and port in err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -40,3 +41,15 @@ def test_ci_runs_the_readme_commands():
     assert readme_command("test") and readme_command("quickstart").endswith(
         "ftl train recipes/quickstart.yaml"
     )
+
+
+def test_every_strategy_config_ships_in_the_wheel():
+    from launcher.assets import data_path
+    from launcher.dist.strategies import STRATEGIES
+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    shipped = meta["tool"]["hatch"]["build"]["targets"]["wheel"]["force-include"]
+    assert shipped["ds_configs"] == "launcher/_data/ds_configs"
+    for s in STRATEGIES.values():
+        if s.ds_config:
+            json.loads(data_path("ds_configs", s.ds_config).read_text())

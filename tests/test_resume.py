@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from launcher.cli.main import main
 from launcher.train.checkpoint import COMPLETE, complete_checkpoints
 from launcher.train.report import read_metrics
@@ -31,9 +33,11 @@ def evals(run: Path) -> dict[int, float]:
     }
 
 
-def test_resume_from_checkpoint_reproduces_losses(cls_recipe, tmp_path):
-    # dropout on, grad accumulation on, so RNG and data position both matter
-    common = [*STEPS, "-o", "train.grad_accum=2", "-o", "train.micro_batch_size=4"]
+@pytest.mark.parametrize("accumulation", ["train.grad_accum=2", "train.global_batch_size=8"])
+def test_resume_from_checkpoint_reproduces_losses(cls_recipe, tmp_path, accumulation):
+    # dropout on, grad accumulation on (set directly, or derived from the global batch), so
+    # RNG and data position both matter
+    common = [*STEPS, "-o", accumulation, "-o", "train.micro_batch_size=4"]
     a = tmp_path / "a"
     assert (
         main(

@@ -57,7 +57,13 @@ def _check_port_free(port: int) -> None:
             s.bind(("", port))
         except OSError as e:
             if e.errno != errno.EADDRINUSE:
-                raise
+                raise UserError(
+                    Problem(
+                        f"cannot use port {port} on this machine: {e.strerror}",
+                        key="--main-process-port",
+                        hint="pick another port (1024-65535)",
+                    )
+                ) from None
             raise UserError(
                 Problem(
                     f"port {port} is already in use on this machine (another run?)",
@@ -94,7 +100,27 @@ def run(args: argparse.Namespace) -> int:
         )
     recipe = load_recipe(args.recipe, args.override)
     found = cluster_env.from_environment(os.environ)
-    for flag in ("num_processes", "num_machines", "main_process_port"):
+    explicit = args.num_machines is not None and args.machine_rank is not None
+    if found.problem and not explicit:
+        raise UserError(
+            Problem(
+                found.problem,
+                key="SLURM",
+                hint="run one ftl launch per node inside a job step: "
+                "srun --ntasks-per-node=1 ftl launch ... (or pass --num-machines and "
+                "--machine-rank yourself)",
+            )
+        )
+    port = args.main_process_port or found.main_process_port
+    if port is not None and not 1024 <= port <= 65535:
+        raise UserError(
+            Problem(
+                f"port {port} is out of range",
+                key="--main-process-port",
+                hint="use a free port from 1024 to 65535",
+            )
+        )
+    for flag in ("num_processes", "num_machines"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(
@@ -143,39 +169,42 @@ def run(args: argparse.Namespace) -> int:
         )
         for note in plan.notes:
             print(f"ftl launch: note: {note}", file=sys.stderr, flush=True)
-        rc, signalled = _execute(plan.argv, {**os.environ, **plan.env})
-    return _exit_code(rc, signalled, Path(recipe.output.dir))
+        environ = {k: v for k, v in os.environ.items() if k not in plan.unset}
+        rc = _execute(plan.argv, {**environ, **plan.env})
+        return _exit_code(rc, Path(launch_dir), plan.processes_per_machine)
 
 
-def _exit_code(rc: int, signalled: bool, run_dir: Path) -> int:
-    """torchrun reports any rank's non-zero exit as 1: recover ftl's own codes."""
-    if rc == 0 or not signalled:
+def _exit_code(rc: int, launch_dir: Path, processes: int) -> int:
+    """torchrun reports any failing rank as exit 1: recover ftl's own codes from what the
+    ranks of this machine left (2: a user error, 3: stopped after a checkpoint)."""
+    if rc == 0:
         return rc
-    import json
+    codes = []
+    for f in launch_dir.glob("exit-*"):
+        try:
+            codes.append(int(f.read_text()))
+        except ValueError:
+            continue
+    if 2 in codes:
+        return 2
+    if codes and len(codes) == processes and set(codes) == {3}:
+        return 3
+    return rc
 
-    from launcher.train.loop import EXIT_STOPPED
 
-    try:
-        status = json.loads((run_dir / "summary.json").read_text()).get("status")
-    except (OSError, ValueError):
-        return rc
-    return EXIT_STOPPED if status == "stopped" else rc
-
-
-def _execute(argv: list[str], environ: dict[str, str]) -> tuple[int, bool]:
+def _execute(argv: list[str], environ: dict[str, str]) -> int:
     """Run the launcher; forward SIGTERM/SIGINT/SIGUSR1 so every rank can checkpoint.
 
     torchrun passes SIGTERM and SIGINT on to every rank (which then save a checkpoint and
-    stop) and kills them if they take more than its grace period (30 s); SIGUSR1, which
-    torchrun does not handle, is sent on as SIGTERM.
+    stop) and kills them if they take longer than TORCH_ELASTIC_SHUTDOWN_TIMEOUT (the
+    plan sets 600 s); SIGUSR1, which torchrun does not handle, is sent on as SIGTERM. The
+    launcher runs in its own session, so a Ctrl-C in the terminal reaches it once, from here.
     """
-    child = subprocess.Popen(argv, env=environ)
+    child = subprocess.Popen(argv, env=environ, start_new_session=True)
     forwarded = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
     previous = {s: signal.getsignal(s) for s in forwarded}
-    got: list[int] = []
 
     def forward(signum: int, _frame: object) -> None:
-        got.append(signum)
         child.send_signal(signal.SIGTERM if signum == signal.SIGUSR1 else signum)
 
     for s in forwarded:
@@ -183,7 +212,7 @@ def _execute(argv: list[str], environ: dict[str, str]) -> tuple[int, bool]:
     try:
         while True:
             try:
-                return child.wait(), bool(got)
+                return child.wait()
             except InterruptedError:  # pragma: no cover - PEP 475 retries for us
                 continue
     finally:

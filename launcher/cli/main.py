@@ -75,10 +75,25 @@ def _exit_rank(code: int) -> None:
     os._exit(code)
 
 
+def _report_exit(code: int) -> None:
+    """Under `ftl launch`, leave this rank's exit code where the launcher can read it:
+    torchrun turns any failing rank into exit 1, ftl's codes (2 user error, 3 stopped)
+    would be lost."""
+    import contextlib
+    import os
+    from pathlib import Path
+
+    folder, rank = os.environ.get("FTL_LAUNCH_DIR"), os.environ.get("RANK")
+    if folder and rank is not None and Path(folder).is_dir():
+        with contextlib.suppress(OSError):
+            Path(folder, f"exit-{rank}").write_text(str(code))
+
+
 if __name__ == "__main__":
     import os
 
     code = main()
+    _report_exit(code)
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         _exit_rank(code)
     raise SystemExit(code)

@@ -31,6 +31,11 @@ DEEPSPEED_CONFIG = "deepspeed.json"
 LAUNCH_DIR = "<launch-dir>"  # stands for the launch folder in a dry run
 ENV_WORLD = "FTL_WORLD_SIZE"
 ENV_STRATEGY = "FTL_STRATEGY"
+ENV_LAUNCH_DIR = "FTL_LAUNCH_DIR"  # ranks leave their exit code there (exit-<rank>)
+SHUTDOWN_GRACE_S = 600
+# a rank's identity left in the environment by an outer launcher (a Kubernetes pod's
+# node-level RANK/WORLD_SIZE, say) must not reach the processes this plan starts
+INHERITED_RANK_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK")
 
 # DeepSpeed keys whose value the recipe owns: "auto" in a config means "fill from the recipe".
 _OWNED = {
@@ -41,14 +46,20 @@ _OWNED = {
 }
 
 
-# "auto" values accelerate fills from the model when it is prepared (hidden size h):
-# buckets of h^2 elements, prefetch 0.9 h^2, parameters under 10 h stay whole. DeepSpeed's
-# own defaults (5e8-element buckets) cost gigabytes per rank on small models.
+# "auto" values filled from the model once it is built, in each process. accelerate fills
+# the first three from the hidden size h at prepare time (buckets of h^2 elements,
+# prefetch 0.9 h^2, parameters under 10 h stay whole; DeepSpeed's own 5e8-element buckets
+# cost gigabytes per rank on small models). ftl fills the last three, which DeepSpeed
+# counts in parameters, from the parameter count (launcher/train/distributed.py).
 MODEL_AUTOS = {
     "zero_optimization.reduce_bucket_size",
     "zero_optimization.stage3_prefetch_bucket_size",
     "zero_optimization.stage3_param_persistence_threshold",
+    "zero_optimization.stage3_max_live_parameters",
+    "zero_optimization.stage3_max_reuse_distance",
+    "zero_optimization.sub_group_size",
 }
+MODEL_AUTOS_ANY_STAGE = {"zero_optimization.reduce_bucket_size"}
 
 
 @dataclass(frozen=True)
@@ -68,6 +79,7 @@ class Cluster:
 class LaunchPlan:
     argv: list[str]
     env: dict[str, str]  # set on top of the caller's environment
+    unset: tuple[str, ...] = INHERITED_RANK_VARS  # removed from the caller's environment
     files: dict[str, str] = field(default_factory=dict)  # name in the launch folder -> text
     world_size: int = 1
     processes_per_machine: int = 1
@@ -89,6 +101,7 @@ class LaunchPlan:
             *(f"# note: {n}" for n in self.notes),
             "",
             "# environment",
+            *(f"unset {k}" for k in self.unset),
             *(f"export {k}={shlex.quote(v)}" for k, v in sorted(self.env.items())),
             "",
             "# command",
@@ -237,7 +250,31 @@ def fill_deepspeed_config(
             if isinstance(zero.get(name), dict):
                 zero[name]["pin_memory"] = False
         zero["overlap_comm"] = False
-    leftover = sorted(set(_autos(cfg)) - MODEL_AUTOS)
+    if zero.get("stage") == 3 and recipe.output.save_model:
+        # the final model is gathered from the shards; without this DeepSpeed refuses
+        # only after the whole run
+        if zero.get("stage3_gather_16bit_weights_on_model_save") is False:
+            problems.append(
+                Problem(
+                    f"{src} sets stage3_gather_16bit_weights_on_model_save false, so the "
+                    "final model could not be saved",
+                    key="distributed.deepspeed_config",
+                    hint="set it true, or output.save_model: false",
+                )
+            )
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if isinstance(zero.get("offload_optimizer"), dict) and "optimizer" not in cfg:
+        if t.optimizer != "adamw":
+            problems.append(
+                Problem(
+                    f"{src} offloads the optimizer, which DeepSpeed runs as its CPU Adam; "
+                    f"train.optimizer {t.optimizer} would be replaced silently",
+                    key="train.optimizer",
+                    hint="use train.optimizer: adamw with optimizer offload",
+                )
+            )
+    model_autos = MODEL_AUTOS if zero.get("stage") == 3 else MODEL_AUTOS_ANY_STAGE
+    leftover = sorted(set(_autos(cfg)) - model_autos)
     if leftover:
         problems.append(
             Problem(
@@ -340,15 +377,19 @@ def build_plan(
         accounting=accounting,
         world_size=world,
     )
-    env = {ENV_WORLD: str(world), ENV_STRATEGY: strategy.name}
+    env = {ENV_WORLD: str(world), ENV_STRATEGY: strategy.name, ENV_LAUNCH_DIR: launch_dir}
     notes: list[str] = []
-    if not on_gpu and world > 1:
+    if (not on_gpu and world > 1) or strategy.offload:
         # torchrun would pin every process to one thread; share the cores out instead
+        # (on GPUs too with offload: DeepSpeed's CPU Adam is an OpenMP loop)
         env["OMP_NUM_THREADS"] = str(max(1, cluster.cpus // per_machine))
-    if world == 1:
+    # a stop signal gives every rank this long to write its checkpoint (torchrun: 30 s)
+    env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(SHUTDOWN_GRACE_S)
+    if world == 1 and strategy.kind != "deepspeed":
         # one process: no launcher at all, the loop is the same
         if strategy.kind != "none":
             notes.append(f"one process: strategy {strategy.name} makes no difference")
+        env.pop("TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
         return LaunchPlan(argv=[python, *train_cmd], env=env, notes=notes, **common)
 
     acc: dict[str, Any] = {

@@ -29,9 +29,16 @@ def process_group_kwargs(strategy: Strategy) -> list[Any]:
     """kwargs_handlers for the Accelerator; prepares CPU-only FSDP (see below)."""
     import torch
 
-    if torch.cuda.is_available() or _launched_world() == 1:
+    if torch.cuda.is_available():
         return []
     from accelerate.utils import InitProcessGroupKwargs
+
+    if strategy.kind == "deepspeed" and "LOCAL_RANK" in os.environ:
+        # without CUDA accelerate picks no backend for DeepSpeed and every rank believes
+        # it is alone (world 1, rank 0), while torch runs a world of N
+        return [InitProcessGroupKwargs(backend="gloo")]
+    if _launched_world() == 1:
+        return []
 
     if strategy.kind == "fsdp":
         # accelerate turns FSDP on only for GPU-like process groups: on a CPU-only host it
@@ -43,10 +50,6 @@ def process_group_kwargs(strategy: Strategy) -> list[Any]:
         state = PartialState(backend="gloo")
         state.distributed_type = DistributedType.MULTI_GPU
         return []
-    if strategy.kind == "deepspeed":
-        # without CUDA accelerate picks no backend for DeepSpeed and every rank believes
-        # it is alone (world 1, rank 0), while torch runs a world of N
-        return [InitProcessGroupKwargs(backend="gloo")]
     return []
 
 
@@ -121,6 +124,31 @@ def torch_optimizer(prepared: Any) -> Any:
 def deepspeed_config(acc: Any) -> dict[str, Any] | None:
     plugin = getattr(acc.state, "deepspeed_plugin", None)
     return plugin.deepspeed_config if plugin is not None else None
+
+
+# ZeRO-3 sizes DeepSpeed counts in parameters; its default 1e9 is tuned for models of 7B
+# and more (~14% of a 7B model) but is 10x a 100M model, which then keeps every gathered
+# weight from forward to backward and steps the optimizer over the whole partition at once.
+ZERO3_WINDOWS = (
+    "stage3_max_live_parameters",
+    "stage3_max_reuse_distance",
+    "sub_group_size",
+)
+ZERO3_WINDOW_MAX = 1_000_000_000
+ZERO3_WINDOW_MIN = 1_000_000
+
+
+def size_zero3_windows(acc: Any, n_params: int) -> dict[str, int]:
+    """Fill the ZeRO-3 windows left "auto": DeepSpeed's 1e9 from 7B parameters up, the same
+    share (1/7) of smaller models. Call before `prepare` (the engine reads them there)."""
+    cfg = deepspeed_config(acc)
+    zero = (cfg or {}).get("zero_optimization", {})
+    if zero.get("stage") != 3:
+        return {}
+    size = max(ZERO3_WINDOW_MIN, min(ZERO3_WINDOW_MAX, n_params // 7))
+    filled = {k: size for k in ZERO3_WINDOWS if zero.get(k, "auto") == "auto"}
+    zero.update(filled)
+    return filled
 
 
 def deepspeed_builds_optimizer(acc: Any) -> bool:

@@ -146,6 +146,7 @@ class Trainer:
         self.l2sp = L2SP(pretrained, t.l2sp) if t.l2sp > 0 else None
         self.n_params = sum(distributed.numel(p) for p in model.parameters())
         self.n_trainable = sum(distributed.numel(p) for p in model.parameters() if p.requires_grad)
+        distributed.size_zero3_windows(self.acc, self.n_params)
         groups = _param_groups(model, t.weight_decay)
         if distributed.deepspeed_builds_optimizer(self.acc):
             # the DeepSpeed config names the optimizer (ZeRO-Offload: DeepSpeedCPUAdam);
@@ -269,7 +270,7 @@ class Trainer:
         try:
             while st["step"] < s.total_steps and status == "completed":
                 epoch = st["step"] // s.steps_per_epoch
-                skip = (st["step"] - epoch * s.steps_per_epoch) * t.grad_accum
+                skip = (st["step"] - epoch * s.steps_per_epoch) * s.grad_accum
                 group_loss, group_n = torch.zeros((), device=self.acc.device), 0
                 for batch in self._train_loader(epoch, skip):
                     with self.acc.accumulate(self.model):
@@ -391,7 +392,9 @@ class Trainer:
         self.model.eval()
         sums, counts, preds, labels = [], [], [], []
         started = time.time()
-        with torch.inference_mode():
+        # no inference tensors under DeepSpeed: ZeRO-3 would keep some for the next backward
+        deepspeed = self.strategy.kind == "deepspeed"
+        with torch.no_grad() if deepspeed else torch.inference_mode():
             for batch in self.eval_loader:
                 inputs = {k: v for k, v in batch.items() if k != "labels"}
                 loss_sum, count, pred = self.task.eval_batch(self.model(**inputs), batch)
