@@ -23,7 +23,7 @@ import yaml
 
 from launcher.dist.strategies import STRATEGIES, Strategy
 from launcher.errors import Problem, UserError
-from launcher.recipe.resolve import accumulation
+from launcher.recipe.resolve import accounting, accumulation
 from launcher.recipe.schema import Recipe
 
 ACCELERATE_CONFIG = "accelerate.yaml"
@@ -359,10 +359,7 @@ def build_plan(
     if problems:
         raise UserError(problems, title=f"cannot launch {recipe_path}:")
     accum = accumulation(recipe.train, world)
-    accounting = (
-        f"global batch {recipe.train.micro_batch_size * accum * world} = micro batch "
-        f"{recipe.train.micro_batch_size} x grad accumulation {accum} x world {world}"
-    )
+    batch = accounting(recipe.train.micro_batch_size, accum, world)
     train_cmd = ["-m", "launcher.cli.main", "train", recipe_path]
     for o in overrides:
         train_cmd += ["-o", o]
@@ -374,7 +371,7 @@ def build_plan(
         main_address=cluster.main_process_ip or "127.0.0.1",
         main_port=port,
         strategy=strategy.name,
-        accounting=accounting,
+        accounting=batch,
         world_size=world,
     )
     env = {ENV_WORLD: str(world), ENV_STRATEGY: strategy.name, ENV_LAUNCH_DIR: launch_dir}

@@ -26,11 +26,15 @@ class Schedule:
         return asdict(self)
 
     def accounting(self) -> str:
-        """One line a user can check: how the global batch is made."""
-        return (
-            f"global batch {self.global_batch} = micro batch {self.micro_batch_size} "
-            f"x grad accumulation {self.grad_accum} x world {self.world_size}"
-        )
+        return accounting(self.micro_batch_size, self.grad_accum, self.world_size)
+
+
+def accounting(micro: int, accum: int, world: int) -> str:
+    """One line a user can check: how the global batch is made."""
+    return (
+        f"global batch {micro * accum * world} = micro batch {micro} "
+        f"x grad accumulation {accum} x world {world}"
+    )
 
 
 def accumulation(train: TrainCfg, world_size: int) -> int:
