@@ -36,13 +36,9 @@ DS_DEFAULT = 1_000_000_000
 
 def make_model(out: Path) -> int:
     import make_tiny
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    make_tiny.make_tokenizer(out)
-    tok = AutoTokenizer.from_pretrained(out)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
+    return make_tiny.make_llama(
+        out,
         vocab_size=16000,  # more rows than the tiny tokenizer uses: a realistic embedding
         hidden_size=768,
         intermediate_size=2048,
@@ -50,14 +46,7 @@ def make_model(out: Path) -> int:
         num_attention_heads=12,
         num_key_value_heads=12,
         max_position_embeddings=512,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False,
     )
-    model = LlamaForCausalLM(cfg)
-    model.save_pretrained(out)
-    return sum(p.numel() for p in model.parameters())
 
 
 def free_port() -> int:

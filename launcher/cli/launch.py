@@ -19,6 +19,7 @@ from pathlib import Path
 
 from launcher.cli.validate import add_recipe_arguments
 from launcher.errors import Problem, UserError
+from launcher.recipe.schema import Recipe
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -74,7 +75,7 @@ def _check_port_free(port: int) -> None:
             ) from None
 
 
-def _check_inputs_exist(recipe) -> None:  # noqa: ANN001 - a Recipe
+def _check_inputs_exist(recipe: Recipe) -> None:
     """Missing files are reported once here, not once per process."""
     from launcher.assets import resolve_path
 

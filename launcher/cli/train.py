@@ -37,10 +37,9 @@ def run(args: argparse.Namespace) -> int:
     from launcher.train.loop import EXIT_STOPPED, train
 
     summary = train(recipe, resume=args.resume, overwrite=args.overwrite)
+    code = {"completed": 0, "early_stopped": 0, "stopped": EXIT_STOPPED}.get(summary["status"], 1)
     if os.environ.get("RANK", "0") != "0":
-        return {"completed": 0, "early_stopped": 0, "stopped": EXIT_STOPPED}.get(
-            summary["status"], 1
-        )
+        return code  # the main rank reports
     shown = {
         k: summary[k]
         for k in (
@@ -54,4 +53,4 @@ def run(args: argparse.Namespace) -> int:
     }
     print(json.dumps(shown, indent=2))
     print(f"run folder: {recipe.output.dir}")
-    return {"completed": 0, "early_stopped": 0, "stopped": EXIT_STOPPED}.get(summary["status"], 1)
+    return code

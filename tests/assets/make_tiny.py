@@ -94,14 +94,16 @@ def make_tokenizer(out: Path) -> None:
     fast.save_pretrained(out)
 
 
-def make_llama(out: Path) -> None:
+def make_llama(out: Path, **sizes: int) -> int:
+    """The tiny tokenizer and a Llama (tiny unless `sizes` overrides LlamaConfig fields);
+    returns the parameter count."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     make_tokenizer(out)
     tok = AutoTokenizer.from_pretrained(out)
     torch.manual_seed(0)
-    cfg = LlamaConfig(
+    shape = dict(
         vocab_size=len(tok),
         hidden_size=32,
         intermediate_size=64,
@@ -109,12 +111,17 @@ def make_llama(out: Path) -> None:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
+    )
+    cfg = LlamaConfig(
+        **{**shape, **sizes},
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
         tie_word_embeddings=False,
     )
-    LlamaForCausalLM(cfg).save_pretrained(out)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(out)
+    return sum(p.numel() for p in model.parameters())
 
 
 def make_bert(out: Path) -> None:
