@@ -276,8 +276,8 @@ def test_cli_takes_cluster_facts_from_slurm_but_arguments_win(make, capsys, monk
         (["distributed.strategy=zero4"], [], "distributed.strategy"),
         (["distributed.strategy=fsdp", "distributed.deepspeed_config=x.json"], [],
          "FSDP and DeepSpeed are both set"),
-        (["distributed.strategy=zero3", "quant.bits=4", "adapter.type=lora"], [],
-         "cannot be sharded"),
+        (["distributed.strategy=fsdp", "quant.bits=8", "adapter.type=lora"], [],
+         "cannot be sharded by FSDP2"),
         (["distributed.strategy=zero3", "distributed.deepspeed_config=missing.json"], [],
          "does not exist"),
         ([], ["--num-machines=2", "--machine-rank=5", "--main-process-ip=h"], "machine rank 5"),
@@ -428,3 +428,11 @@ def test_bad_ports_are_user_errors(make, capsys, port):
     rc = main(["launch", str(path), "--num-processes=2", f"--main-process-port={port}"])
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err and port in err
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd", "adamw_8bit", "paged_adamw_8bit"])
+def test_zero_accepts_the_recipes_client_optimizer(make, optimizer):
+    _, r = make("zero2", overrides=[f"train.optimizer={optimizer}"])
+    _, ds = files(plan(r, num_processes=2))
+    # DeepSpeed asserts on an optimizer outside its tested list unless told otherwise
+    assert ds.get("zero_allow_untested_optimizer", False) is (optimizer != "adamw")

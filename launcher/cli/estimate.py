@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         micro_batch=recipe.train.micro_batch_size,
         model_dtype=recipe.model.dtype,
         precision=recipe.train.precision,
-        adapter=recipe.adapter.type,
+        adapter="lora" if recipe.adapter.enabled else "full",
         lora_dropout=recipe.adapter.dropout,
         quant_bits=recipe.quant.bits,
         double_quant=recipe.quant.double_quant,

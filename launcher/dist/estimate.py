@@ -33,6 +33,7 @@ OPTIMIZER_STATES = {"adamw": 2, "sgd": 1}  # fp32 tensors per trainable paramete
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # LoRA target names of the Llama family, for facts typed on the command line
 _LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_LLAMA_MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -313,6 +314,20 @@ def estimate(facts: ModelFacts, work: Workload, hw: Hardware) -> Estimate:
 # -- facts from the command line ----------------------------------------------------------
 
 
+def _llama_targets(target: list[str] | str) -> list[str]:
+    """The Llama projections that an adapter's target_modules names (a regex sees full paths)."""
+    if target == "all-linear":
+        return list(_LLAMA_LINEARS)
+    if isinstance(target, str):
+        import re
+
+        def path(name: str) -> str:
+            return f"model.layers.0.{'mlp' if name in _LLAMA_MLP else 'self_attn'}.{name}"
+
+        return [n for n in _LLAMA_LINEARS if re.fullmatch(target, path(n))]
+    return list(target)
+
+
 def facts_from_numbers(
     params: int,
     layers: int,
@@ -346,8 +361,8 @@ def facts_from_numbers(
         "down_proj": (intermediate, hidden),
     }
     trainable, lora_inputs = params, 0
-    if adapter is not None and adapter.type == "lora":
-        names = _LLAMA_LINEARS if adapter.target_modules == "all-linear" else adapter.target_modules
+    if adapter is not None and adapter.enabled:
+        names = _llama_targets(adapter.target_modules)
         unknown = [t for t in names if t not in shapes]
         if unknown:
             raise UserError(

@@ -25,6 +25,7 @@ from launcher.dist.strategies import STRATEGIES, Strategy
 from launcher.errors import Problem, UserError
 from launcher.recipe.resolve import accounting, accumulation
 from launcher.recipe.schema import Recipe
+from launcher.train.optim import ZERO_UNTESTED
 
 ACCELERATE_CONFIG = "accelerate.yaml"
 DEEPSPEED_CONFIG = "deepspeed.json"
@@ -244,6 +245,9 @@ def fill_deepspeed_config(
             own(k, v, f"train.{k}", params)
         if str(opt.get("type", "")).lower() == "adam":
             params.setdefault("adam_w_mode", True)
+    if t.optimizer in ZERO_UNTESTED and "optimizer" not in cfg:
+        # ZeRO shards any torch optimizer's states; DeepSpeed only asks for this opt-in
+        cfg.setdefault("zero_allow_untested_optimizer", True)
     if not on_gpu:
         # CPU-only host: there is no pinned memory and no CUDA stream to overlap with
         for name in ("offload_optimizer", "offload_param"):

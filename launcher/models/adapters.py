@@ -1,7 +1,8 @@
-"""Adapters through PEFT: LoRA on every linear layer by default."""
+"""Adapters through PEFT: LoRA, DoRA and rsLoRA, on every linear layer by default."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from launcher.errors import Problem, UserError
@@ -9,34 +10,133 @@ from launcher.recipe.schema import AdapterCfg
 from launcher.train.tasks import Task
 
 
-def apply_adapter(model: Any, cfg: AdapterCfg, task: Task, quantized: bool) -> Any:
-    """Wrap `model` for `cfg.type`; full fine-tuning returns it unchanged."""
-    if cfg.type == "full":
+def apply_adapter(
+    model: Any,
+    cfg: AdapterCfg,
+    task: Task,
+    quantized: bool,
+    *,
+    resized_embeddings: bool = False,
+    gradient_checkpointing: bool = False,
+) -> Any:
+    """Wrap `model` for `cfg.type`; full fine-tuning returns it unchanged.
+
+    `resized_embeddings`: the vocabulary grew (added tokens), so the new rows must be
+    trained and saved with the adapter: the input embeddings and the output head join
+    `modules_to_save` (tied ones stay tied), and loading, merging and serving then see
+    the same vocabulary as training.
+    """
+    if not cfg.enabled:
         return model
     from peft import LoraConfig, get_peft_model
 
+    _check_targets(model, cfg.target_modules)
     if quantized:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        # norms and embeddings in fp32, inputs that require grad (gradient checkpointing)
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    to_save = list(cfg.modules_to_save or [])
+    tied = False
+    if resized_embeddings:
+        names = embedding_modules(model)
+        to_save += [n for n in names if n not in to_save]
+        tied = bool(getattr(model.config, "tie_word_embeddings", False)) and len(names) == 2
     config = LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=cfg.target_modules,
-        modules_to_save=cfg.modules_to_save,  # SEQ_CLS adds the new head by itself
+        modules_to_save=to_save or None,  # SEQ_CLS adds the new head by itself
+        use_dora=cfg.type == "dora",
+        use_rslora=cfg.rslora,
+        ensure_weight_tying=tied,
         task_type=task.peft_task_type,
     )
     try:
         return get_peft_model(model, config)
-    except ValueError as e:  # e.g. target modules that the model does not have
-        names = sorted(
-            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear"}
-        )
+    except ValueError as e:  # e.g. a module type that LoRA cannot wrap
         raise UserError(
             Problem(
-                f"cannot apply LoRA to target_modules {cfg.target_modules!r}: {e}",
+                f"cannot apply {cfg.type} to target_modules {cfg.target_modules!r}: {e}",
                 key="adapter.target_modules",
-                hint=f"this model's linear layers: {', '.join(names[:20])} (or use all-linear)",
+                hint=f"this model's linear layers: {', '.join(linear_names(model)[:24])} "
+                "(or use all-linear)",
             )
         ) from None
+
+
+def linear_names(model: Any) -> list[str]:
+    """Short names of the model's linear layers (plain, 4-bit and 8-bit ones), sorted."""
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m) and n})
+
+
+def embedding_modules(model: Any) -> list[str]:
+    """Short names of the input embeddings and the output head (`embed_tokens`, `lm_head`)."""
+    wanted = [model.get_input_embeddings()]
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out_emb is not None:
+        wanted.append(out_emb)
+    names = []
+    for module in wanted:
+        for n, m in model.named_modules():
+            if m is module:
+                names.append(n.rsplit(".", 1)[-1])
+                break
+    return names
+
+
+def _is_linear(module: Any) -> bool:
+    import torch
+
+    return isinstance(module, torch.nn.Linear) or type(module).__name__ in (
+        "Linear4bit",
+        "Linear8bitLt",
+    )
+
+
+def _check_targets(model: Any, target: list[str] | str) -> None:
+    """Refuse target_modules that match no layer, naming the ones that exist.
+
+    PEFT matches a list entry against the end of each module path and a string as a
+    regex against the whole path; "all-linear" always matches.
+    """
+    if target == "all-linear":
+        return
+    paths = [n for n, _ in model.named_modules() if n]
+    if isinstance(target, str):
+        try:
+            pattern = re.compile(target)
+        except re.error as e:
+            raise UserError(
+                Problem(
+                    f"target_modules is not a valid regex: {e}",
+                    key="adapter.target_modules",
+                    hint="a list of layer names, a regex over module paths, or all-linear",
+                )
+            ) from None
+        what = "" if any(pattern.fullmatch(p) for p in paths) else f"the regex {target}"
+    else:
+        missing = [t for t in target if not any(p == t or p.endswith("." + t) for p in paths)]
+        what = ", ".join(missing)
+    if what:
+        raise UserError(
+            Problem(
+                f"{what} matches no module of this model",
+                key="adapter.target_modules",
+                hint=f"this model's linear layers: {', '.join(linear_names(model)[:24])} "
+                "(or all-linear; a regex is matched against full paths such as "
+                f"{_example_path(model)})",
+            )
+        )
+
+
+def _example_path(model: Any) -> str:
+    for n, m in model.named_modules():
+        if _is_linear(m) and n:
+            return n
+    return "model.layers.0.self_attn.q_proj"

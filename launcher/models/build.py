@@ -64,9 +64,24 @@ def load_tokenizer(cfg: ModelCfg, *, needs_eos: bool = False) -> Any:
                 hint="use a tokenizer that defines eos_token",
             )
         )
+    if cfg.add_tokens:
+        tok.add_tokens(list(cfg.add_tokens), special_tokens=True)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     return tok
+
+
+def fit_embeddings(model: Any, n_tokens: int) -> bool:
+    """Grow the embeddings (and a tied or untied head) to `n_tokens`; True if they grew.
+
+    New rows start at the mean of the old ones (transformers' mean resizing), so a new
+    token begins as an average token rather than noise.
+    """
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is None or n_tokens <= emb.num_embeddings:
+        return False
+    model.resize_token_embeddings(n_tokens, mean_resizing=True)
+    return True
 
 
 def _torch_dtype(name: str) -> Any:
@@ -76,9 +91,20 @@ def _torch_dtype(name: str) -> Any:
 
 
 def build_model(
-    cfg: ModelCfg, quant: QuantCfg, task: Task, labels: list[str] | None, pad_token_id: int | None
+    cfg: ModelCfg,
+    quant: QuantCfg,
+    task: Task,
+    labels: list[str] | None,
+    pad_token_id: int | None,
+    *,
+    shards_params: bool = False,
+    precision: str = "fp32",
 ) -> tuple[Any, set[str]]:
-    """Load the pretrained model for `task`; returns it and the names of new parameters."""
+    """Load the pretrained model for `task`; returns it and the names of new parameters.
+
+    `shards_params`: ZeRO-3/FSDP will shard the weights (quantized ones are then stored
+    in the float dtype of `precision`, see `quant.storage_dtype`).
+    """
     import transformers
 
     auto = getattr(transformers, task.auto_class)
@@ -93,10 +119,13 @@ def build_model(
             label2id={n: i for i, n in enumerate(labels or [])},
         )
     if quant.bits is not None:
-        from launcher.models.quant import bnb_config
+        from launcher.models.quant import bnb_config, check_compute_dtype, storage_dtype
 
-        kw["quantization_config"] = bnb_config(quant)
-        kw["device_map"] = {"": _local_device()}
+        check_compute_dtype(quant.compute_dtype)
+        storage = storage_dtype(quant, cfg.dtype, precision, shards_params)
+        kw["quantization_config"] = bnb_config(quant, storage)
+        if not shards_params:  # ZeRO-3 refuses a device_map; accelerate places the shards
+            kw["device_map"] = {"": _local_device()}
     try:
         model, info = auto.from_pretrained(model_location(cfg), output_loading_info=True, **kw)
     except (OSError, ValueError) as e:

@@ -27,7 +27,7 @@ def _format_fits_task(r: Recipe) -> Iterator[Hit]:
 
 
 def _quant_needs_adapter(r: Recipe) -> Iterator[Hit]:
-    if r.quant.bits is not None and r.adapter.type == "full":
+    if r.quant.bits is not None and not r.adapter.enabled:
         yield (
             "quant.bits",
             "quantized weights cannot be fully fine-tuned",
@@ -76,7 +76,7 @@ def _eval_needs_data(r: Recipe) -> Iterator[Hit]:
 
 
 def _l2sp_needs_pretrained_weights(r: Recipe) -> Iterator[Hit]:
-    if r.train.l2sp and r.adapter.type != "full":
+    if r.train.l2sp and r.adapter.enabled:
         yield (
             "train.l2sp",
             f"L2-SP regularises trained pretrained weights; with adapter.type "
@@ -177,21 +177,54 @@ def _deepspeed_config_needs_zero(r: Recipe) -> Iterator[Hit]:
 
 def _sharding_keeps_whole_tensors(r: Recipe) -> Iterator[Hit]:
     strategy = STRATEGIES[r.distributed.strategy]
-    if not strategy.shards_params:
-        return
-    if r.quant.bits is not None:
-        yield (
-            "quant.bits",
-            f"a {r.quant.bits}-bit bitsandbytes base cannot be sharded by "
-            f"distributed.strategy {strategy.name} (each rank needs whole quantized tensors)",
-            "use strategy ddp, zero1 or zero2 with a quantized base (the frozen base is "
-            "replicated, the adapter is trained data-parallel), or drop quant.bits",
-        )
-    if r.train.l2sp:
+    if strategy.shards_params and r.train.l2sp:
         yield (
             "train.l2sp",
             f"L2-SP needs every whole weight on each rank; strategy {strategy.name} shards them",
             "use strategy ddp, zero1 or zero2 with L2-SP, or set train.l2sp: 0",
+        )
+
+
+def _quant_fits_strategy(r: Recipe) -> Iterator[Hit]:
+    """What bitsandbytes weights survive, per strategy (each case run on CPU, 2 ranks)."""
+    strategy, q = STRATEGIES[r.distributed.strategy], r.quant
+    if (
+        q.bits is not None
+        and r.adapter.type == "dora"
+        and strategy.kind == "deepspeed"
+        and (strategy.shards_params)
+    ):
+        yield (
+            "adapter.type",
+            f"DoRA on a {q.bits}-bit base under {strategy.name}: DoRA reads each whole "
+            "quantized base weight to compute its norm, outside ZeRO-3's gather (it fails)",
+            "use strategy fsdp or ddp for QDoRA, or adapter.type: lora with zero3",
+        )
+    if q.bits == 8 and strategy.kind == "fsdp":
+        yield (
+            "quant.bits",
+            "8-bit weights cannot be sharded by FSDP2: LLM.int8 keeps each weight's scales "
+            "on the parameter object, which FSDP2 replaces with a sharded tensor (the forward "
+            "then fails)",
+            "use quant.bits: 4 with fsdp (QLoRA), or 8-bit with strategy zero3 or ddp",
+        )
+    if q.bits == 8 and q.quant_storage != "auto":
+        yield (
+            "quant.quant_storage",
+            "quant_storage holds packed 4-bit weights; 8-bit weights are int8 tensors",
+            "remove quant.quant_storage, or set quant.bits: 4",
+        )
+    if (
+        q.bits == 4
+        and strategy.shards_params
+        and r.train.precision == "bf16"
+        and q.quant_storage in ("float32", "float16")
+    ):
+        yield (
+            "quant.quant_storage",
+            f"strategy {strategy.name} with train.precision bf16 casts float parameters to "
+            f"bfloat16, which scrambles 4-bit weights packed into {q.quant_storage}",
+            "set quant.quant_storage: auto (bfloat16 here), bfloat16 or uint8",
         )
 
 
@@ -218,6 +251,7 @@ RULES: list[Callable[[Recipe], Iterator[Hit]]] = [
     _one_batch_size,
     _deepspeed_config_needs_zero,
     _sharding_keeps_whole_tensors,
+    _quant_fits_strategy,
     _machines_need_distribution,
 ]
 

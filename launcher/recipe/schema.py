@@ -39,23 +39,49 @@ class ModelCfg(Section):
     trust_remote_code: bool = False
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = None
     gradient_checkpointing: bool = False
+    add_tokens: list[str] = Field(
+        [],
+        description="special tokens to add to the tokenizer (e.g. chat markers a base model "
+        "lacks); the embeddings grow and, with an adapter, are trained and saved with it",
+    )
 
 
 class AdapterCfg(Section):
-    type: Literal["full", "lora"] = "full"
+    type: Literal["full", "none", "lora", "dora"] = Field(
+        "full", description="full (or none): train every weight; lora/dora: train an adapter"
+    )
     r: PosInt = 16
     alpha: Annotated[float, Field(gt=0)] = 32.0
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
-    # "all-linear": every linear layer of the backbone (PEFT's own discovery), not the head.
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
-    modules_to_save: list[str] | None = None
+    rslora: bool = Field(False, description="rank-stabilised scaling alpha/sqrt(r), not alpha/r")
+    target_modules: list[str] | str = Field(
+        "all-linear",
+        description="all-linear (every linear layer of the backbone, not the head), a list "
+        "of module names, or a regex matched against full module paths",
+    )
+    modules_to_save: list[str] | None = Field(
+        None, description="modules trained in full and saved with the adapter"
+    )
+
+    @property
+    def enabled(self) -> bool:
+        """True when an adapter is trained (the base weights stay frozen)."""
+        return self.type in ("lora", "dora")
+
+
+QuantDtype = Literal["float32", "bfloat16", "float16"]
 
 
 class QuantCfg(Section):
     bits: Literal[4, 8] | None = None
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
-    compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type")
+    double_quant: bool = Field(True, description="quantize the 4-bit scales too (~0.4 bit/weight)")
+    compute_dtype: QuantDtype = "bfloat16"
+    quant_storage: Literal["auto", "uint8", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="dtype that holds the packed 4-bit weights; auto: uint8, or the model "
+        "dtype when ZeRO-3/FSDP shards them (sharding flattens one dtype)",
+    )
 
 
 class DataCfg(Section):

@@ -107,6 +107,27 @@ def numel(p: Any) -> int:
     return int(getattr(p, "ds_numel", 0) or p.numel())
 
 
+def weight_bytes(model: Any) -> dict[str, int]:
+    """Bytes of parameter storage: the whole model's, and what this rank holds.
+
+    ZeRO-3 keeps this rank's slice in `ds_tensor`, FSDP2 in a DTensor's local shard;
+    quantized weights count their packed bytes. Sharding shows as this_rank < whole.
+    """
+    whole = here = 0
+    for p in model.parameters():
+        size = p.element_size()
+        if hasattr(p, "ds_tensor"):
+            whole += p.ds_numel * size
+            here += p.ds_tensor.numel() * size
+        elif hasattr(p, "to_local"):
+            whole += p.numel() * size
+            here += p.to_local().numel() * size
+        else:
+            whole += p.numel() * size
+            here += p.numel() * size
+    return {"whole": whole, "this_rank": here}
+
+
 def torch_optimizer(prepared: Any) -> Any:
     """The torch optimizer whose param_groups really drive the update.
 
@@ -193,5 +214,6 @@ def write_record(run_dir: Path, acc: Any, strategy: Strategy, sched: Schedule, m
         "mixed_precision": acc.mixed_precision,
         "deepspeed_config": deepspeed_config(acc),
         "fsdp_units": fsdp_units(model) if strategy.kind == "fsdp" else None,
+        "weight_bytes": weight_bytes(model),
     }
     (run_dir / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")

@@ -24,7 +24,7 @@ from launcher.data.build import Datasets, collate, load_datasets
 from launcher.dist.strategies import STRATEGIES
 from launcher.errors import Problem, UserError
 from launcher.models.adapters import apply_adapter
-from launcher.models.build import build_model, load_tokenizer, save_model
+from launcher.models.build import build_model, fit_embeddings, load_tokenizer, save_model
 from launcher.recipe.resolve import Schedule, schedule
 from launcher.recipe.schema import Recipe, dump
 from launcher.train import checkpoint, distributed, report, rundir
@@ -134,15 +134,29 @@ class Trainer:
         self.rss_mb = {"before_model": report.rss_now_mb()}  # per phase, in the summary
         set_seed(t.seed)  # before the new head is initialised: runs are reproducible
         model, new_params = build_model(
-            r.model, r.quant, self.task, self.data.labels, self.tokenizer.pad_token_id
+            r.model,
+            r.quant,
+            self.task,
+            self.data.labels,
+            self.tokenizer.pad_token_id,
+            shards_params=self.strategy.shards_params,
+            precision=t.precision,
         )
         self.rss_mb["after_model"] = report.rss_now_mb()
         if t.fast_dropout and self.acc.device.type == "cpu":
             from launcher.models.fast_dropout import enable
 
             enable(model)
+        resized = fit_embeddings(model, len(self.tokenizer))  # added tokens
         pretrained = pretrained_parameters(model, new_params) if t.l2sp > 0 else []
-        model = apply_adapter(model, r.adapter, self.task, quantized=r.quant.bits is not None)
+        model = apply_adapter(
+            model,
+            r.adapter,
+            self.task,
+            quantized=r.quant.bits is not None,
+            resized_embeddings=resized,
+            gradient_checkpointing=r.model.gradient_checkpointing,
+        )
         self.l2sp = L2SP(pretrained, t.l2sp) if t.l2sp > 0 else None
         self.n_params = sum(distributed.numel(p) for p in model.parameters())
         self.n_trainable = sum(distributed.numel(p) for p in model.parameters() if p.requires_grad)

@@ -94,9 +94,9 @@ def make_tokenizer(out: Path) -> None:
     fast.save_pretrained(out)
 
 
-def make_llama(out: Path, **sizes: int) -> int:
-    """The tiny tokenizer and a Llama (tiny unless `sizes` overrides LlamaConfig fields);
-    returns the parameter count."""
+def make_llama(out: Path, *, tie: bool = False, **sizes: int) -> int:
+    """The tiny tokenizer and a Llama (tiny unless `sizes` overrides LlamaConfig fields;
+    `tie`: one matrix for the embeddings and the head); returns the parameter count."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -117,7 +117,7 @@ def make_llama(out: Path, **sizes: int) -> int:
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie,
     )
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(out)
