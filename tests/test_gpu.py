@@ -29,3 +29,21 @@ def test_lora_chat_on_gpu(chat_recipe, tmp_path):
     ]
     evals = [r["eval_loss"] for r in records if r["kind"] == "eval"]
     assert evals[-1] < evals[0]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_qlora_chat_on_gpu_bf16(chat_recipe, tmp_path, bits):
+    pytest.importorskip("bitsandbytes")
+    rc = main(
+        ["train", str(chat_recipe), "-o", "train.precision=bf16", "-o", f"quant.bits={bits}"]
+        + ["-o", "quant.compute_dtype=bfloat16", "-o", "model.gradient_checkpointing=true"]
+    )
+    assert rc == 0
+    summary = json.loads((tmp_path / "chat-run" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary.get("peak_gpu_mb", 0) > 0
+    evals = [
+        json.loads(x)["eval_loss"]
+        for x in (tmp_path / "chat-run" / "metrics.jsonl").read_text().splitlines()
+        if json.loads(x)["kind"] == "eval"
+    ]
+    assert evals[-1] < evals[0]

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 
 from launcher.cli.validate import add_recipe_arguments
 from launcher.recipe import load_recipe
@@ -26,6 +27,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+# Deprecations raised inside DeepSpeed and PEFT, once per call site and step: nothing a
+# recipe can change, and under ZeRO-3 they buried the progress bar.
+_LIBRARY_DEPRECATIONS = (
+    r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+    r"`(is_)?gradient_checkpointing(_enable|_disable)?` is deprecated",
+)
+
+
+def _quiet_library_deprecations() -> None:
+    for message in _LIBRARY_DEPRECATIONS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+
+
 def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.override)
     if recipe.distributed.strategy != "none" and "WORLD_SIZE" not in os.environ:
@@ -34,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
             f"processes; this is one. Start them with: ftl launch {args.recipe} --num-processes N",
             file=sys.stderr,
         )
+    _quiet_library_deprecations()
     from launcher.train.loop import EXIT_STOPPED, train
 
     summary = train(recipe, resume=args.resume, overwrite=args.overwrite)

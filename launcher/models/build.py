@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.assets import resolve_path
+from launcher.dist.strategies import STRATEGIES, Strategy
 from launcher.errors import Problem, UserError
 from launcher.recipe.schema import ModelCfg, QuantCfg
 from launcher.train.tasks import Task
@@ -97,13 +98,13 @@ def build_model(
     labels: list[str] | None,
     pad_token_id: int | None,
     *,
-    shards_params: bool = False,
+    strategy: Strategy = STRATEGIES["none"],
     precision: str = "fp32",
 ) -> tuple[Any, set[str]]:
     """Load the pretrained model for `task`; returns it and the names of new parameters.
 
-    `shards_params`: ZeRO-3/FSDP will shard the weights (quantized ones are then stored
-    in the float dtype of `precision`, see `quant.storage_dtype`).
+    Under a strategy that shards the weights (ZeRO-3, FSDP2) quantized weights are stored
+    in the float dtype of `precision` (see `quant.storage_dtype`).
     """
     import transformers
 
@@ -122,9 +123,10 @@ def build_model(
         from launcher.models.quant import bnb_config, check_compute_dtype, storage_dtype
 
         check_compute_dtype(quant.compute_dtype)
-        storage = storage_dtype(quant, cfg.dtype, precision, shards_params)
+        storage = storage_dtype(quant, cfg.dtype, precision, strategy.shards_params)
         kw["quantization_config"] = bnb_config(quant, storage)
-        if not shards_params:  # ZeRO-3 refuses a device_map; accelerate places the shards
+        if strategy.zero_stage != 3:  # ZeRO-3 refuses a device_map; DeepSpeed places shards
+            # each process quantizes on its own device (GPU: fast), FSDP2 shards from there
             kw["device_map"] = {"": _local_device()}
     try:
         model, info = auto.from_pretrained(model_location(cfg), output_loading_info=True, **kw)

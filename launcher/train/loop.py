@@ -139,7 +139,7 @@ class Trainer:
             self.task,
             self.data.labels,
             self.tokenizer.pad_token_id,
-            shards_params=self.strategy.shards_params,
+            strategy=self.strategy,
             precision=t.precision,
         )
         self.rss_mb["after_model"] = report.rss_now_mb()
