@@ -192,15 +192,29 @@ def test_lora_7b_on_one_24gb_gpu_picks_none():
     assert full.cheapest is not None and full.cheapest.strategy == "zero3_offload"
 
 
-def test_qlora_packs_the_base_and_never_shards():
+def test_qlora_packs_the_base_and_shards_what_can_be_sharded():
     lora = AdapterCfg(type="lora", r=16)
     facts = facts_from_numbers(int(6.74e9), 32, 4096, 32000, adapter=lora, **LLAMA2_7B)
     work = Workload(2048, 1, model_dtype="bfloat16", precision="bf16", adapter="lora")
     qlora = Workload(**{**work.__dict__, "quant_bits": 4})
+    int8 = Workload(**{**work.__dict__, "quant_bits": 8})
     plain, packed = estimate(facts, work, Hardware(4, 24)), estimate(facts, qlora, Hardware(4, 24))
     assert packed.row("none").params < 0.4 * plain.row("none").params
-    for name, strategy in STRATEGIES.items():
-        assert packed.row(name).candidate == (not strategy.shards_params and name != "none")
+    # 4-bit weights shard under ZeRO-3 and FSDP2 (packed in a float storage dtype)
+    assert packed.row("zero3").params < 0.5 * packed.row("ddp").params
+    assert packed.row("fsdp").candidate and packed.row("zero3").candidate
+    # 8-bit ones do not survive FSDP2 (the recipe checks refuse it too)
+    eight = estimate(facts, int8, Hardware(4, 24))
+    assert not eight.row("fsdp").candidate and "8-bit" in eight.row("fsdp").note
+    assert eight.row("zero3").candidate
+
+
+def test_8bit_optimizer_states_take_a_quarter():
+    facts = facts_from_numbers(int(6.74e9), 32, 4096, 32000, **LLAMA2_7B)
+    work = Workload(2048, 1, model_dtype="float32", precision="fp32", adapter="full")
+    eight = Workload(**{**work.__dict__, "optimizer": "adamw_8bit"})
+    a, b = estimate(facts, work, Hardware(1, 80)), estimate(facts, eight, Hardware(1, 80))
+    assert b.row("none").optim == pytest.approx(a.row("none").optim * (2.03125 / 8), rel=1e-3)
 
 
 # -- facts from a real model, exactly --------------------------------------------------------

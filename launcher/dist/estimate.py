@@ -29,7 +29,22 @@ from launcher.errors import Problem, UserError
 
 GIB = 1024**3
 BUFFER = 1.5  # DeepSpeed's additional_buffer_factor for CPU memory
-OPTIMIZER_STATES = {"adamw": 2, "sgd": 1}  # fp32 tensors per trainable parameter
+# optimizer state per trainable parameter: (tensors in the parameter's dtype, extra bytes);
+# bitsandbytes' 8-bit AdamW keeps 2 one-byte states plus an fp32 scale per 256 values each
+# (paged ones count on the GPU: they only spill under pressure)
+OPTIMIZER_STATES = {
+    "adamw": (2, 0.0),
+    "paged_adamw": (2, 0.0),
+    "sgd": (1, 0.0),
+    "adamw_8bit": (0, 2 + 2 * 4 / 256),
+    "paged_adamw_8bit": (0, 2 + 2 * 4 / 256),
+}
+
+
+def optimizer_bytes(name: str, param_bytes: int) -> float:
+    """Bytes of optimizer state per trainable parameter held in `param_bytes` bytes."""
+    tensors, extra = OPTIMIZER_STATES[name]
+    return tensors * param_bytes + extra
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # LoRA target names of the Llama family, for facts typed on the command line
 _LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -228,19 +243,20 @@ def model_states(
     """Per-GPU (params, grads, optimizer states) and CPU bytes per machine for `strategy`."""
     n, m, world = hw.gpus, hw.machines, hw.world
     P, T = facts.params, facts.trainable
-    k = OPTIMIZER_STATES[work.optimizer]
     wm = _BYTES[work.model_dtype]
     if strategy.kind == "deepspeed":
         # DeepSpeed casts the model to bf16 when precision is bf16 and keeps fp32 masters
         w = 2 if work.precision == "bf16" or wm == 2 else 4
         frozen = _frozen_bytes(P - T, facts, work, w)
-        master = (4 + 4 * k) * T  # fp32 master weights + fp32 optimizer states
+        master = (4 + optimizer_bytes(work.optimizer, 4)) * T  # fp32 masters + states
         gathered = 2 * w * facts.largest_layer
         if strategy.offload:  # ZeRO-3 with params and optimizer on the CPU
             cpu = (frozen + w * T + 4 * T + master) / m * BUFFER
             return gathered, 0, 0, int(cpu)
         if strategy.zero_stage == 3:
             cpu = facts.largest_layer * 4 * n * BUFFER  # zero.Init: each rank builds a slice
+            if work.quant_bits is not None:  # no zero.Init for quantized: whole packed model
+                cpu = (frozen + w * T) * n * BUFFER
             return (
                 int((frozen + w * T) / world + gathered),
                 4 * T // world,
@@ -257,9 +273,10 @@ def model_states(
     if strategy.kind == "fsdp":
         compute = 2 if work.precision == "bf16" else wm
         gathered = 2 * compute * facts.block_params  # the current unit and the prefetched one
-        return int((frozen + t * T) / world + gathered), t * T // world, k * t * T // world, cpu
+        opt = int(optimizer_bytes(work.optimizer, t) * T) // world
+        return int((frozen + t * T) / world + gathered), t * T // world, opt, cpu
     buckets = 2 if strategy.kind == "ddp" else 1  # DDP reduces through a copy of the grads
-    return int(frozen + t * T), buckets * t * T, k * t * T, cpu
+    return int(frozen + t * T), buckets * t * T, int(optimizer_bytes(work.optimizer, t) * T), cpu
 
 
 def _frozen_bytes(frozen: int, facts: ModelFacts, work: Workload, w: int) -> float:
@@ -270,32 +287,36 @@ def _frozen_bytes(frozen: int, facts: ModelFacts, work: Workload, w: int) -> flo
     return packed * quant_bytes(work.quant_bits, work.double_quant) + (frozen - packed) * 4
 
 
-def _candidates(hw: Hardware, quantized: bool) -> list[str]:
+def _blocked(name: str, work: Workload) -> str:
+    """Why `name` cannot run this workload ("" if it can); the recipe checks say the same."""
+    if work.quant_bits == 8 and STRATEGIES[name].kind == "fsdp":
+        return "n/a: FSDP2 cannot shard 8-bit weights"
+    return ""
+
+
+def _candidates(hw: Hardware, work: Workload) -> list[str]:
     """Strategies worth trying, cheapest first (docs/estimate.md gives the reasons)."""
     if hw.world == 1:
         names = ["none"]
     else:
         names = ["ddp", "zero1", "zero2", "zero3", "fsdp"]
-    return [n for n in names if not (quantized and STRATEGIES[n].shards_params)]
+    return [n for n in names if not _blocked(n, work)]
 
 
 def estimate(facts: ModelFacts, work: Workload, hw: Hardware) -> Estimate:
     """Memory of every strategy for this model, workload and hardware, and the cheapest fit."""
     if work.optimizer not in OPTIMIZER_STATES:
         raise ValueError(f"no optimizer-state count for {work.optimizer!r}")
-    quantized = work.quant_bits is not None
     act, act_ckpt = activation_bytes(facts, work)
-    plain = _candidates(hw, quantized)
-    offload = [] if quantized else ["zero3_offload"]
+    plain = _candidates(hw, work)
+    offload = ["zero3_offload"]
     rows = []
     for name, strategy in STRATEGIES.items():
         params, grads, optim, cpu = model_states(strategy, facts, work, hw)
-        note = ""
-        if quantized and strategy.shards_params:
-            note = "n/a: bitsandbytes weights cannot be sharded"
-        elif name == "none" and hw.world > 1:
+        note = _blocked(name, work)
+        if not note and name == "none" and hw.world > 1:
             note = "one process: uses 1 GPU"
-        elif name not in plain + offload:
+        elif not note and name not in plain + offload:
             note = "no gain on 1 GPU"
         rows.append(
             Row(name, params, grads, optim, act, act_ckpt, cpu, name in plain + offload, note)
