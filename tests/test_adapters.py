@@ -217,7 +217,11 @@ def user_error(capsys, rc: int, *needles: str) -> str:
         ),
         (
             ["quant.bits=4", "adapter.type=dora", "distributed.strategy=zero3"],
-            ["adapter.type", "DoRA", "fsdp or ddp"],
+            ["adapter.type", "DoRA", "outside ZeRO-3's gather", "fsdp, ddp or zero1"],
+        ),
+        (
+            ["quant.bits=4", "adapter.type=dora", "distributed.strategy=zero2"],
+            ["adapter.type", "DoRA", "first checkpoint fails", "fsdp, ddp or zero1"],
         ),
         (
             [

@@ -188,17 +188,18 @@ def _sharding_keeps_whole_tensors(r: Recipe) -> Iterator[Hit]:
 def _quant_fits_strategy(r: Recipe) -> Iterator[Hit]:
     """What bitsandbytes weights survive, per strategy (each case run on CPU, 2 ranks)."""
     strategy, q = STRATEGIES[r.distributed.strategy], r.quant
-    if (
-        q.bits is not None
-        and r.adapter.type == "dora"
-        and strategy.kind == "deepspeed"
-        and (strategy.shards_params)
-    ):
+    if q.bits is not None and r.adapter.type == "dora" and (strategy.zero_stage or 0) >= 2:
+        why = (
+            "DoRA reads each whole quantized base weight to compute its norm, outside "
+            "ZeRO-3's gather (the forward fails)"
+            if strategy.shards_params
+            else "DeepSpeed's ZeRO-2 checkpoint cannot find DoRA's quantized frozen weights "
+            "(the first checkpoint fails)"
+        )
         yield (
             "adapter.type",
-            f"DoRA on a {q.bits}-bit base under {strategy.name}: DoRA reads each whole "
-            "quantized base weight to compute its norm, outside ZeRO-3's gather (it fails)",
-            "use strategy fsdp or ddp for QDoRA, or adapter.type: lora with zero3",
+            f"DoRA on a {q.bits}-bit base under {strategy.name}: {why}",
+            "use strategy fsdp, ddp or zero1 for QDoRA, or adapter.type: lora",
         )
     if q.bits == 8 and strategy.kind == "fsdp":
         yield (
