@@ -377,6 +377,28 @@ def test_sigterm_to_ftl_launch_checkpoints_every_rank_and_exits_3(dist_recipe, t
     ]
 
 
+def test_a_user_error_inside_the_ranks_is_one_message_and_exit_2(dist_recipe, tmp_path):
+    out = tmp_path / "run"
+    proc = ftl(
+        "launch",
+        str(dist_recipe),
+        "--num-processes=2",
+        f"--main-process-port={free_port()}",
+        "-o",
+        f"output.dir={out}",
+        "-o",
+        "adapter.type=lora",
+        "-o",
+        "adapter.target_modules=[nope_proj]",
+    )
+    text, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2, text[-4000:]
+    assert "adapter.target_modules: nope_proj matches no module" in text
+    # torchrun's ChildFailedError traceback about it is dropped: the ranks explained it
+    assert "Traceback" not in text and "ChildFailedError" not in text, text[-4000:]
+    assert not out.exists()
+
+
 def test_one_process_zero3_offload_still_runs_deepspeed(dist_recipe, ddp, tmp_path, deepspeed_ops):
     # one GPU + ZeRO-Offload is the reason offload exists: one process must not drop it
     out = launch(dist_recipe, tmp_path / "run", "distributed.strategy=zero3_offload", procs=1)

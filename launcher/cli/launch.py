@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 from launcher.cli.validate import add_recipe_arguments
@@ -171,8 +173,11 @@ def run(args: argparse.Namespace) -> int:
         for note in plan.notes:
             print(f"ftl launch: note: {note}", file=sys.stderr, flush=True)
         environ = {k: v for k, v in os.environ.items() if k not in plan.unset}
-        rc = _execute(plan.argv, {**environ, **plan.env})
-        return _exit_code(rc, Path(launch_dir), plan.processes_per_machine)
+        gate = _StderrGate()
+        rc = _execute(plan.argv, {**environ, **plan.env}, stderr=gate)
+        code = _exit_code(rc, Path(launch_dir), plan.processes_per_machine)
+        gate.finish(drop_launcher_report=code in (2, 3))
+        return code
 
 
 def _exit_code(rc: int, launch_dir: Path, processes: int) -> int:
@@ -193,7 +198,72 @@ def _exit_code(rc: int, launch_dir: Path, processes: int) -> int:
     return rc
 
 
-def _execute(argv: list[str], environ: dict[str, str]) -> int:
+# torchrun's own report of a failed rank: its error log line, then a ChildFailedError
+# traceback, the last thing the launcher writes before it exits
+_REPORT_START = re.compile(
+    rb"^(Traceback \(most recent call last\):|E\d{4} [\d:.]+ \d+ \S*torch/distributed/elastic)"
+)
+
+
+class _StderrGate:
+    """The launcher's stderr (ranks' included), copied through as it comes.
+
+    From torchrun's failure report on, lines are held until the exit code is known: when
+    the ranks left with ftl's own codes (2: a user error they already explained, 3: stopped
+    after a checkpoint), the launcher's traceback about it is noise and is dropped;
+    anything else held (a rank's own traceback, a real crash) is written out.
+    """
+
+    def __init__(self) -> None:
+        self.read_fd, self.write_fd = os.pipe()
+        self.held: list[bytes] = []
+        self.out = getattr(sys.stderr, "buffer", None)
+        self.thread = threading.Thread(target=self._pump, daemon=True)
+
+    def start(self) -> None:
+        os.close(self.write_fd)  # the child holds its copy
+        self.thread.start()
+
+    def _emit(self, data: bytes) -> None:
+        if self.out is not None:
+            self.out.write(data)
+            self.out.flush()
+        else:  # a text-only stream (tests capture sys.stderr)
+            sys.stderr.write(data.decode(errors="replace"))
+            sys.stderr.flush()
+
+    def _pump(self) -> None:
+        pending = b""
+        with os.fdopen(self.read_fd, "rb", buffering=0) as pipe:
+            while chunk := pipe.read(65536):
+                *lines, pending = (pending + chunk).split(b"\n")
+                for line in lines:
+                    self._line(line + b"\n")
+                if pending and not self.held:  # a progress bar's carriage-return update
+                    self._emit(pending)
+                    pending = b""
+        if pending:
+            self._line(pending)
+
+    def _line(self, line: bytes) -> None:
+        if self.held or _REPORT_START.match(line):
+            self.held.append(line)
+        else:
+            self._emit(line)
+
+    def finish(self, drop_launcher_report: bool) -> None:
+        self.thread.join(timeout=30)
+        kept = self.held
+        if drop_launcher_report:
+            kept = [x for x in kept if not _REPORT_START.match(x) or x.startswith(b"Traceback")]
+            starts = [i for i, x in enumerate(kept) if x.startswith(b"Traceback")]
+            if starts and b"ChildFailedError" in b"".join(kept[starts[-1] :]):
+                kept = kept[: starts[-1]]
+        if kept:
+            self._emit(b"".join(kept))
+
+
+def _execute(argv: list[str], environ: dict[str, str], stderr: _StderrGate | None = None) -> int:
     """Run the launcher; forward SIGTERM/SIGINT/SIGUSR1 so every rank can checkpoint.
 
     torchrun passes SIGTERM and SIGINT on to every rank (which then save a checkpoint and
@@ -201,7 +271,14 @@ def _execute(argv: list[str], environ: dict[str, str]) -> int:
     plan sets 600 s); SIGUSR1, which torchrun does not handle, is sent on as SIGTERM. The
     launcher runs in its own session, so a Ctrl-C in the terminal reaches it once, from here.
     """
-    child = subprocess.Popen(argv, env=environ, start_new_session=True)
+    child = subprocess.Popen(
+        argv,
+        env=environ,
+        start_new_session=True,
+        stderr=stderr.write_fd if stderr else None,
+    )
+    if stderr:
+        stderr.start()
     forwarded = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
     previous = {s: signal.getsignal(s) for s in forwarded}
 
