@@ -78,6 +78,9 @@ def test_quantized_lora_learns_and_reloads_with_peft(kind, chat_recipe, tmp_path
     run = tmp_path / "chat-run"
     losses = evals(run)
     assert summary["status"] == "completed"
+    assert summary["quantization"]["bits"] == (4 if kind == "nf4" else 8)
+    if kind == "nf4":  # one process: bitsandbytes' own uint8 storage
+        assert summary["quantization"]["storage"] == "uint8"
     assert losses[-1] < losses[0] - 0.5, losses  # it learns, through frozen quantized weights
     model = trainer.acc.unwrap_model(trainer.model)
     quantized = {type(m).__name__ for m in model.modules()} & {"Linear4bit", "Linear8bitLt"}

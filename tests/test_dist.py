@@ -275,6 +275,8 @@ def test_qlora_under_ddp_zero3_and_fsdp_equals_one_process(
     ref, got = weights(qlora_single / "model"), weights(out / "model")
     assert got and all("lora_" in k for k in got)  # a complete adapter, never empty
     assert_same_weights(ref, got, tol=1e-6)
+    quant = json.loads((out / "summary.json").read_text())["quantization"]
+    assert quant["storage"] == ("uint8" if strategy == "ddp" else "float32"), quant
     held = json.loads((out / "distributed.json").read_text())["weight_bytes"]
     if strategy == "ddp":  # every rank holds the whole quantized base
         assert held["this_rank"] == held["whole"]
@@ -294,6 +296,7 @@ def test_qlora_under_zero3_in_bf16_stores_weights_that_survive_the_cast(
         args += ["-o", o]
     assert main(args) == 0
     out = launch(dist_recipe, tmp_path / "zero3", "distributed.strategy=zero3", *bf16)
+    assert json.loads((out / "summary.json").read_text())["quantization"]["storage"] == "bfloat16"
     a, b = losses(ref), losses(out)
     assert len(b) == STEPS and max(abs(x - y) for x, y in zip(a, b, strict=True)) <= 5e-3
 

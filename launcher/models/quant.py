@@ -72,3 +72,23 @@ def check_compute_dtype(name: str, device: str | None = None, bf16_ok: bool | No
                 hint="set quant.compute_dtype: float16 (and train.precision: fp32)",
             )
         )
+
+
+def describe_quantization(model: Any) -> dict[str, Any] | None:
+    """What bitsandbytes really did to `model` (None if nothing), for the log and summary."""
+    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    if qc is None or not (getattr(qc, "load_in_4bit", False) or getattr(qc, "load_in_8bit", False)):
+        return None
+    if qc.load_in_8bit:
+        return {"bits": 8}
+
+    def name(dtype: Any) -> str:
+        return str(dtype).removeprefix("torch.")
+
+    return {
+        "bits": 4,
+        "type": qc.bnb_4bit_quant_type,
+        "double_quant": qc.bnb_4bit_use_double_quant,
+        "compute_dtype": name(qc.bnb_4bit_compute_dtype),
+        "storage": name(qc.bnb_4bit_quant_storage),
+    }

@@ -25,6 +25,7 @@ from launcher.dist.strategies import STRATEGIES
 from launcher.errors import Problem, UserError
 from launcher.models.adapters import apply_adapter
 from launcher.models.build import build_model, fit_embeddings, load_tokenizer, save_model
+from launcher.models.quant import describe_quantization
 from launcher.recipe.resolve import Schedule, schedule
 from launcher.recipe.schema import Recipe, dump
 from launcher.train import checkpoint, distributed, report, rundir
@@ -143,6 +144,11 @@ class Trainer:
             precision=t.precision,
         )
         self.rss_mb["after_model"] = report.rss_now_mb()
+        self.quant = describe_quantization(model)
+        if self.quant:
+            self.acc.print(
+                "quantized base: " + ", ".join(f"{k} {v}" for k, v in self.quant.items())
+            )
         if t.fast_dropout and self.acc.device.type == "cpu":
             from launcher.models.fast_dropout import enable
 
@@ -501,6 +507,7 @@ class Trainer:
             "samples_seen": self.state["samples"],
             **throughput,  # of this invocation (a resumed run counts what it ran itself)
             "parameters": self.n_params,
+            "quantization": self.quant,
             "trainable_parameters": self.n_trainable,
             "schedule": self.sched.as_dict(),
             "data": self.data.stats,
