@@ -1,5 +1,6 @@
-"""ftl vs HF Trainer + PEFT + bitsandbytes: full fine-tuning, LoRA, QLoRA nf4 and LoRA on an
-LLM.int8 base, SmolLM2-135M on CPU, peak memory and tokens/s, side by side in one run.
+"""ftl vs HF Trainer + PEFT + bitsandbytes on CPU: tokens/s and peak memory, side by side.
+
+Full fine-tuning, LoRA, QLoRA nf4 and LoRA on an LLM.int8 base, SmolLM2-135M, in one run.
 
     python bench/adapters_cpu.py [--modes full,lora,qlora-nf4,int8] [--steps 12]
 
@@ -18,7 +19,11 @@ ftl counts them) over the steps after `--skip` warm-up steps (timed the same way
 sides: from the end of step `skip` to the end of the last step) and over the whole loop,
 and the loss of every step. Prints a Markdown table with the ratios ftl / peer and writes
 every number to .cache/bench/adapters_cpu.json; figures go to docs/benchmarks.md. Run it
-on an otherwise idle machine: both sides use every core.
+on an otherwise idle machine: both sides use every core. On a shared machine use
+`--threads 1`: a 2-thread torch process whose cores are also busy with other work loses
+most of its time in OpenMP barriers (a LoRA step here took 18-42 s with 2 threads vs
+4.5-7.3 s with 1 while other jobs used 1-2 cores); every run records how many cores other
+processes kept busy meanwhile (`other_load`).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -81,8 +87,10 @@ output:
 """
 
 
-def _env(live_memory: bool) -> dict[str, str]:
+def _env(live_memory: bool, threads: int | None = None) -> dict[str, str]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
+    if threads:  # torch takes its intra-op thread count from these (both sides)
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     if live_memory:  # RSS follows live memory on both sides (as bench/dist_memory.py)
         env.update(
             FTL_KEEP_FREED_MEMORY="0",
@@ -118,13 +126,44 @@ tok.save_pretrained({str(MODEL_DIR)!r})
         subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(False), check=True)
 
 
-def _run(cmd: list[str], env: dict[str, str]) -> float:
-    t = time.perf_counter()
+def _cpu_busy_s() -> float:
+    """CPU seconds all processes of this machine have used since boot (/proc/stat)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def wait_idle(max_wait: float, threshold: float = 0.3, window: float = 5.0) -> float:
+    """Wait (at most `max_wait` s) until other processes use under `threshold` cores on
+    average over `window` s; returns the cores they used in the last window."""
+    deadline = time.monotonic() + max_wait
+    while True:
+        b0 = _cpu_busy_s()
+        time.sleep(window)
+        used = (_cpu_busy_s() - b0) / window
+        if used < threshold or time.monotonic() >= deadline:
+            return round(used, 2)
+
+
+def _run(cmd: list[str], env: dict[str, str]) -> dict:
+    """Run `cmd`; its wall time, its CPU time, and how many cores *other* processes of
+    the machine kept busy meanwhile (contention that would slow it down)."""
+    busy0, cpu0, t = _cpu_busy_s(), _children_cpu_s(), time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t
+    cpu = _children_cpu_s() - cpu0
     if proc.returncode != 0:
         sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-4000:]}")
-    return wall
+    other = max(0.0, _cpu_busy_s() - busy0 - cpu) / wall
+    return {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "other_load": round(other, 2)}
 
 
 def _steady(step_tokens: list[int], step_seconds: list[float], skip: int) -> float:
@@ -138,7 +177,7 @@ def run_ftl(recipe: Path, mode: str, out: Path, skip: int, env: dict[str, str]) 
     ]  # fmt: skip
     for o in [*MODES[mode], f"output.dir={out}"]:
         cmd += ["-o", o]
-    wall = _run(cmd, env)
+    proc = _run(cmd, env)
     s = json.loads((out / "summary.json").read_text())
     recs = [
         json.loads(line)
@@ -157,11 +196,12 @@ def run_ftl(recipe: Path, mode: str, out: Path, skip: int, env: dict[str, str]) 
         "tokens_per_s_loop": s["tokens_per_s"],
         "tokens_per_s": round(_steady(toks, secs, skip), 1),
         "step_tokens": toks,
+        "step_s": [round(x, 3) for x in secs],
         "parameters": s["parameters"],
         "trainable_parameters": s["trainable_parameters"],
         "peak_rss_mb": s["peak_rss_mb"],
         "rss_phases_mb": s.get("memory_per_rank"),
-        "wall_s": round(wall, 1),
+        **proc,
     }
 
 
@@ -169,7 +209,7 @@ def run_peer(recipe: Path, mode: str, out: Path, skip: int, env: dict[str, str])
     cmd = [sys.executable, "bench/trainer_adapters.py", str(recipe), str(out)]
     for o in MODES[mode]:
         cmd += ["-o", o]
-    wall = _run(cmd, env)
+    proc = _run(cmd, env)
     p = json.loads(out.read_text())
     ends = p["step_end_s"]
     secs = [b - a for a, b in zip([0.0, *ends[:-1]], ends, strict=True)]
@@ -182,10 +222,11 @@ def run_peer(recipe: Path, mode: str, out: Path, skip: int, env: dict[str, str])
         "tokens_per_s_loop": p["tokens_per_s"],
         "tokens_per_s": round(_steady(p["step_tokens"], secs, skip), 1),
         "step_tokens": p["step_tokens"],
+        "step_s": [round(x, 3) for x in secs],
         "parameters": p["parameters"],
         "trainable_parameters": p["trainable_parameters"],
         "peak_rss_mb": p["peak_rss_mb"],
-        "wall_s": round(wall, 1),
+        **proc,
     }
 
 
@@ -209,6 +250,21 @@ def main(argv: list[str] | None = None) -> int:
         help="low glibc thresholds on both sides and FTL_KEEP_FREED_MEMORY=0: RSS follows "
         "live memory (slower CPU steps for ftl)",
     )
+    ap.add_argument(
+        "--peer-first",
+        action="store_true",
+        help="the peer goes first for the 1st, 3rd, ... mode (default: ftl does)",
+    )
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch threads on both sides (default: all)"
+    )
+    ap.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0.0,
+        help="before each run, wait up to this many seconds for other processes to go "
+        "quiet (under 0.3 cores); 0: do not wait",
+    )
     ap.add_argument("--out", type=Path, default=CACHE / "adapters_cpu.json")
     args = ap.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -218,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.skip < args.steps:
         ap.error("--skip must be below --steps")
     prepare()
-    env = _env(args.live_memory)
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    env = _env(args.live_memory, args.threads)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         recipe = Path(tmp) / "adapters.yaml"
@@ -233,15 +290,19 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         for i, mode in enumerate(modes):
-            order = ["ftl", "peer"] if i % 2 == 0 else ["peer", "ftl"]
+            order = ["ftl", "peer"] if (i + args.peer_first) % 2 == 0 else ["peer", "ftl"]
             row: dict = {"mode": mode, "overrides": MODES[mode], "order": order}
             for who in order:
                 out = Path(tmp) / f"{who}-{mode}"
                 run = run_ftl if who == "ftl" else run_peer
+                before = wait_idle(args.wait_idle) if args.wait_idle > 0 else None
                 row[who] = run(
                     recipe, mode, out if who == "ftl" else out.with_suffix(".json"), args.skip, env
                 )
+                row[who]["other_load_before"] = before
                 print(json.dumps({"mode": mode, "who": who, **row[who]}), flush=True)
+            if row["ftl"]["step_tokens"] != row["peer"]["step_tokens"]:
+                print(f"warning: {mode}: the two sides did not see the same tokens per step")
             row["tokens_per_s_ratio"] = row["ftl"]["tokens_per_s"] / row["peer"]["tokens_per_s"]
             row["tokens_per_s_loop_ratio"] = (
                 row["ftl"]["tokens_per_s_loop"] / row["peer"]["tokens_per_s_loop"]
@@ -249,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             row["peak_rss_ratio"] = row["ftl"]["peak_rss_mb"] / row["peer"]["peak_rss_mb"]
             rows.append(row)
     result = {
+        "started": started,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "cpus": os.cpu_count(),
         "versions": _versions(),
@@ -272,6 +334,17 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['tokens_per_s_ratio']:.2f} | {f['peak_rss_mb']:.0f} | {p['peak_rss_mb']:.0f} "
             f"| {r['peak_rss_ratio']:.2f} | {f['final_train_loss']:.4f} / {p['final_train_loss']:.4f} |"
         )
+    print(
+        "\n| mode | side | wall s | CPU s | train s | other processes' load (cores) |"
+        "\n|---|---|---|---|---|---|"
+    )
+    for r in rows:
+        for who in r["order"]:
+            x = r[who]
+            print(
+                f"| {r['mode']} | {who} | {x['wall_s']} | {x['cpu_s']} | {x['train_time_s']} "
+                f"| {x['other_load']} |"
+            )
     print(f"\nwritten: {args.out}")
     return 0
 

@@ -184,6 +184,15 @@ def test_regex_target_modules_wrap_only_what_matches(chat_recipe, tmp_path):
     assert wrapped == {"q_proj", "v_proj"}
 
 
+def test_lora_dropout_gets_the_fast_cpu_dropout(chat_recipe):
+    from launcher.models.fast_dropout import FastDropout
+
+    trainer = Trainer(load_recipe(chat_recipe, ["adapter.dropout=0.1", "train.max_steps=1"]))
+    model = trainer.acc.unwrap_model(trainer.model)
+    lora = [m for n, m in model.named_modules() if n.endswith("lora_dropout.default")]
+    assert lora and all(type(m) is FastDropout for m in lora)
+
+
 def test_paged_and_8bit_optimizers_train(chat_recipe, tmp_path):
     for name in ("adamw_8bit", "paged_adamw_8bit"):
         out = tmp_path / name

@@ -157,3 +157,11 @@ def test_redaction_keeps_tokenizer_paths():
 
     out = redact({"model": {"tokenizer": "path/to/tok"}, "hf_token": "abc", "wandb_api_key": "k"})
     assert out == {"model": {"tokenizer": "path/to/tok"}, "hf_token": "***", "wandb_api_key": "***"}
+    # settings whose names hold "tokens" are not secrets (model.add_tokens was hidden once)
+    kept = {"model": {"add_tokens": ["<x>"]}, "max_new_tokens": 5}
+    assert redact(kept) == kept
+    assert redact({"access_token": "t", "secrets": ["s"], "api_keys": ["k"]}) == {
+        "access_token": "***",
+        "secrets": "***",
+        "api_keys": "***",
+    }

@@ -5,9 +5,11 @@ from __future__ import annotations
 import re
 from typing import Any
 
-# whole words of a key: `hf_token`, `api_key`, `password` are secrets; `tokenizer` is not
+# whole words of a key: `hf_token`, `api_key`, `password` are secrets; `tokenizer` is not,
+# nor are plural `tokens` (`model.add_tokens`, `max_new_tokens` are settings, not secrets)
 _SECRET = re.compile(
-    r"(^|[_\-.])(token|secret|password|passwd|api[_-]?key|credentials?)s?($|[_\-.])", re.IGNORECASE
+    r"(^|[_\-.])(token|secrets?|passwords?|passwd|api[_-]?keys?|credentials?)($|[_\-.])",
+    re.IGNORECASE,
 )
 REDACTED = "***"
 

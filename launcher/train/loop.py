@@ -149,8 +149,9 @@ class Trainer:
             self.acc.print(
                 "quantized base: " + ", ".join(f"{k} {v}" for k, v in self.quant.items())
             )
-        if t.fast_dropout and self.acc.device.type == "cpu":
-            from launcher.models.fast_dropout import enable
+        fast_dropout = t.fast_dropout and self.acc.device.type == "cpu"
+        if fast_dropout:
+            from launcher.models.fast_dropout import enable, swap_dropout
 
             enable(model)
         resized = fit_embeddings(model, len(self.tokenizer))  # added tokens
@@ -163,6 +164,8 @@ class Trainer:
             resized_embeddings=resized,
             gradient_checkpointing=r.model.gradient_checkpointing,
         )
+        if fast_dropout:
+            swap_dropout(model)  # the adapter's own dropouts (lora_dropout), new since enable()
         self.l2sp = L2SP(pretrained, t.l2sp) if t.l2sp > 0 else None
         self.n_params = sum(distributed.numel(p) for p in model.parameters())
         self.n_trainable = sum(distributed.numel(p) for p in model.parameters() if p.requires_grad)
