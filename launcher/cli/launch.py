@@ -268,9 +268,17 @@ def _execute(argv: list[str], environ: dict[str, str], stderr: _StderrGate | Non
 
     torchrun passes SIGTERM and SIGINT on to every rank (which then save a checkpoint and
     stop) and kills them if they take longer than TORCH_ELASTIC_SHUTDOWN_TIMEOUT (the
-    plan sets 600 s); SIGUSR1, which torchrun does not handle, is sent on as SIGTERM. The
-    launcher runs in its own session, so a Ctrl-C in the terminal reaches it once, from here.
+    plan sets 600 s); SIGUSR1 is sent on as SIGTERM. The launcher runs in its own
+    session, so a Ctrl-C in the terminal reaches it once, from here.
+
+    Inside a SLURM job step nothing is forwarded: SLURM signals every process of the step
+    itself (torchrun and the ranks too, whatever their session), and a second copy would
+    reach torchrun while it shuts down and make it abandon the ranks mid-checkpoint.
+    torchrun does not handle SIGUSR1 (SLURM's time-limit warning): it would die of it and
+    take the ranks with it, so it starts with SIGUSR1 ignored; each rank installs its own
+    handler (launcher.train.signals) as its first act.
     """
+    usr1 = signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # inherited through exec by the child
     child = subprocess.Popen(
         argv,
         env=environ,
@@ -281,8 +289,17 @@ def _execute(argv: list[str], environ: dict[str, str], stderr: _StderrGate | Non
         stderr.start()
     forwarded = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
     previous = {s: signal.getsignal(s) for s in forwarded}
+    previous[signal.SIGUSR1] = usr1
+    in_slurm_step = "SLURM_STEP_ID" in os.environ
 
     def forward(signum: int, _frame: object) -> None:
+        if in_slurm_step:
+            print(
+                f"ftl launch: got {signal.Signals(signum).name}; the ranks got it from SLURM too",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
         child.send_signal(signal.SIGTERM if signum == signal.SIGUSR1 else signum)
 
     for s in forwarded:

@@ -20,6 +20,11 @@ VERBS: dict[str, tuple[str, str]] = {
         "launcher.cli.launch",
         "run a recipe on several processes / machines (DDP, DeepSpeed ZeRO, FSDP2)",
     ),
+    "slurm": (
+        "launcher.cli.slurm",
+        "submit a recipe as a SLURM batch job (multi-node, checkpoint and requeue on preemption)",
+    ),
+    "status": ("launcher.cli.status", "where a run stands: job, step, checkpoint, restarts"),
     "estimate": (
         "launcher.cli.estimate",
         "per-device memory of a recipe for every strategy, and the cheapest that fits",

@@ -41,6 +41,16 @@ def _quiet_library_deprecations() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from launcher.train.signals import STOP
+
+    STOP.install()  # before the heavy imports: a stop signal is never lost
+    try:
+        return _run(args)
+    finally:
+        STOP.uninstall()
+
+
+def _run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.override)
     if recipe.distributed.strategy != "none" and "WORLD_SIZE" not in os.environ:
         print(

@@ -238,6 +238,31 @@ def _machines_need_distribution(r: Recipe) -> Iterator[Hit]:
         )
 
 
+def _slurm_values_are_one_line(r: Recipe) -> Iterator[Hit]:
+    """Values become #SBATCH lines and exported variables: a line break would end the
+    directive and turn the rest into a command of the batch script."""
+    if r.slurm is None:
+        return
+    values: list[tuple[str, str]] = [
+        (f"slurm.{k}", v) for k, v in r.slurm.model_dump().items() if isinstance(v, str)
+    ]
+    values += [(f"slurm.env.{k}", v) for k, v in r.slurm.env.items()]
+    values += [(f"slurm.sbatch_args[{i}]", v) for i, v in enumerate(r.slurm.sbatch_args)]
+    for key, value in values:
+        if any(ord(c) < 32 or ord(c) == 127 for c in value):
+            yield key, "holds a line break or another control character", "write it on one line"
+    for i, arg in enumerate(r.slurm.sbatch_args):
+        if not arg.startswith("--") or len(arg) < 3:
+            yield (
+                f"slurm.sbatch_args[{i}]",
+                f"{arg!r} is not a long sbatch option",
+                "write each option as --name=value, e.g. --mail-type=END",
+            )
+    for name in r.slurm.env:
+        if not name.isidentifier() or not name.isascii():
+            yield f"slurm.env.{name}", "is not a valid variable name", "use letters, digits, _"
+
+
 RULES: list[Callable[[Recipe], Iterator[Hit]]] = [
     _format_fits_task,
     _quant_needs_adapter,
@@ -254,6 +279,7 @@ RULES: list[Callable[[Recipe], Iterator[Hit]]] = [
     _sharding_keeps_whole_tensors,
     _quant_fits_strategy,
     _machines_need_distribution,
+    _slurm_values_are_one_line,
 ]
 
 

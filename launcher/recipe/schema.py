@@ -155,6 +155,11 @@ class DistributedCfg(Section):
     )
     num_machines: PosInt = 1
     main_process_port: Annotated[int, Field(ge=1024, le=65535)] = 29500
+    timeout_minutes: Annotated[float, Field(gt=0)] = Field(
+        30,
+        description="how long a collective (barrier, all-reduce, broadcast) may wait for the "
+        "other ranks before the run fails with an error instead of hanging",
+    )
 
 
 class OutputCfg(Section):
@@ -165,14 +170,43 @@ class OutputCfg(Section):
 
 
 class SlurmCfg(Section):
+    """Defaults for `ftl slurm`; its command-line flags win over these."""
+
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
+    constraint: str | None = None
+    mem: str | None = Field(None, description="memory per node, as sbatch --mem takes it")
+    exclusive: bool = False
     nodes: PosInt = 1
-    gpus_per_node: Annotated[int, Field(ge=0)] = 8
+    gpus_per_node: Annotated[int, Field(ge=0)] = Field(
+        8, description="GPUs per node; 0 on a CPU-only cluster"
+    )
     cpus_per_task: PosInt | None = None
-    time: str = "24:00:00"
-    requeue: bool = True
+    time: str = Field("24:00:00", description="wall-clock limit of one run of the job")
+    job_name: str | None = Field(None, description="default: ftl-<run folder name>")
+    requeue: bool = Field(
+        True,
+        description="on the time-limit warning (or a manual USR1) checkpoint, then requeue "
+        "the job, which resumes from that checkpoint",
+    )
+    signal_grace_s: Annotated[int, Field(ge=10, le=65535)] = Field(
+        300,
+        description="seconds before the time limit at which SLURM warns the job (USR1): "
+        "time to finish the step and write a checkpoint",
+    )
+    retries_on_failure: Annotated[int, Field(ge=0)] = Field(
+        0,
+        description="requeue the job this many times after a crash (a lost node, a killed "
+        "rank); it resumes from the newest complete checkpoint",
+    )
+    port: Annotated[int, Field(ge=1024, le=65535)] | None = Field(
+        None, description="rendezvous port; default: 20000 + job id mod 20000"
+    )
+    env: dict[str, str] = Field({}, description="variables exported into the job")
+    sbatch_args: list[str] = Field(
+        [], description="extra sbatch options, one per item, e.g. --mail-type=END"
+    )
 
 
 class Recipe(Section):
@@ -192,3 +226,12 @@ class Recipe(Section):
 def dump(recipe: Recipe) -> dict[str, Any]:
     """The recipe as plain data (every default filled in)."""
     return recipe.model_dump(mode="json")
+
+
+def fingerprint(recipe: Recipe) -> str:
+    """Short hash of the whole resolved recipe: equal on every rank that runs the same one."""
+    import hashlib
+    import json
+
+    text = json.dumps(dump(recipe), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -25,18 +25,24 @@ def _launched_world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
-def process_group_kwargs(strategy: Strategy) -> list[Any]:
-    """kwargs_handlers for the Accelerator; prepares CPU-only FSDP (see below)."""
-    import torch
+def process_group_kwargs(strategy: Strategy, timeout_minutes: float) -> list[Any]:
+    """kwargs_handlers for the Accelerator; prepares CPU-only FSDP (see below).
 
-    if torch.cuda.is_available():
-        return []
+    Every collective waits at most `distributed.timeout_minutes` for the other ranks: a
+    rank that died or hangs ends the run with an error instead of a silent hang.
+    """
+    from datetime import timedelta
+
+    import torch
     from accelerate.utils import InitProcessGroupKwargs
 
+    timeout = timedelta(minutes=timeout_minutes)
+    if torch.cuda.is_available():
+        return [InitProcessGroupKwargs(timeout=timeout)]
     if strategy.kind == "deepspeed" and "LOCAL_RANK" in os.environ:
         # without CUDA accelerate picks no backend for DeepSpeed and every rank believes
         # it is alone (world 1, rank 0), while torch runs a world of N
-        return [InitProcessGroupKwargs(backend="gloo")]
+        return [InitProcessGroupKwargs(backend="gloo", timeout=timeout)]
     if _launched_world() == 1:
         return []
 
@@ -47,10 +53,97 @@ def process_group_kwargs(strategy: Strategy) -> list[Any]:
         from accelerate.state import PartialState
         from accelerate.utils import DistributedType
 
-        state = PartialState(backend="gloo")
+        state = PartialState(backend="gloo", timeout=timeout)
         state.distributed_type = DistributedType.MULTI_GPU
         return []
-    return []
+    return [InitProcessGroupKwargs(timeout=timeout)]
+
+
+def collective_timeout_s() -> float | None:
+    """The default process group's timeout, as torch really holds it (None: no group)."""
+    import torch.distributed as td
+
+    if not (td.is_available() and td.is_initialized()):
+        return None
+    try:
+        import torch
+        from torch.distributed.distributed_c10d import _get_default_group
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return _get_default_group()._get_backend(device).options._timeout.total_seconds()
+    except Exception:  # private API: report nothing rather than fail the run
+        return None
+
+
+# -- preflight: every rank says who it is; ranks that differ stop before the model loads --
+PREFLIGHT_PACKAGES = ("torch", "transformers", "accelerate", "deepspeed", "peft", "ftl")
+
+
+def rank_facts(recipe_hash: str) -> dict[str, str]:
+    """What must match on every rank, plus where this rank runs."""
+    import platform
+    import socket
+    from importlib.metadata import PackageNotFoundError, version
+
+    facts = {
+        "host": os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
+        "python": platform.python_version(),
+    }
+    for name in PREFLIGHT_PACKAGES:
+        try:
+            facts[name] = version(name)
+        except PackageNotFoundError:
+            facts[name] = "absent"
+    facts["recipe"] = recipe_hash
+    return facts
+
+
+def compare_ranks(facts: list[dict[str, str]]) -> list[str]:
+    """One line per fact that differs between ranks, naming each rank's value and host."""
+    lines = []
+    for key in ("python", *PREFLIGHT_PACKAGES, "recipe"):
+        values = [f.get(key) for f in facts]
+        if len(set(values)) > 1:
+            by_value: dict[str | None, list[str]] = {}
+            for rank, (f, v) in enumerate(zip(facts, values, strict=True)):
+                by_value.setdefault(v, []).append(f"{rank} ({f.get('host')})")
+            seen = "; ".join(f"{v} on rank {', '.join(r)}" for v, r in by_value.items())
+            what = "the recipe (hash)" if key == "recipe" else key
+            lines.append(f"{what} differs between ranks: {seen}")
+    return lines
+
+
+def preflight(acc: Any, recipe_hash: str) -> dict[str, str]:
+    """Log this rank's facts; UserError on every rank when the ranks do not match."""
+    import sys
+
+    facts = rank_facts(recipe_hash)
+    shown = " ".join(f"{k} {v}" for k, v in facts.items())
+    print(
+        f"[preflight] rank {acc.process_index}/{acc.num_processes} pid {os.getpid()} {shown}",
+        file=sys.stderr,
+        flush=True,
+    )
+    if acc.num_processes == 1:
+        return facts
+    import torch.distributed as td
+
+    gathered: list[Any] = [None] * acc.num_processes
+    td.all_gather_object(gathered, facts)
+    problems = compare_ranks(gathered)
+    if problems:
+        raise UserError(
+            [Problem(p, key="preflight") for p in problems]
+            + [
+                Problem(
+                    "every node must run the same software on the same recipe",
+                    hint="install one environment on a shared filesystem (or the same "
+                    "versions everywhere), and start every node from one recipe file",
+                )
+            ],
+            title="the ranks of this run do not match, so it stops before loading the model:",
+        )
+    return facts
 
 
 _EXPECTED_TYPES = {
@@ -215,5 +308,6 @@ def write_record(run_dir: Path, acc: Any, strategy: Strategy, sched: Schedule, m
         "deepspeed_config": deepspeed_config(acc),
         "fsdp_units": fsdp_units(model) if strategy.kind == "fsdp" else None,
         "weight_bytes": weight_bytes(model),
+        "collective_timeout_s": collective_timeout_s(),
     }
     (run_dir / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")

@@ -27,11 +27,11 @@ from launcher.models.adapters import apply_adapter
 from launcher.models.build import build_model, fit_embeddings, load_tokenizer, save_model
 from launcher.models.quant import describe_quantization
 from launcher.recipe.resolve import Schedule, schedule
-from launcher.recipe.schema import Recipe, dump
+from launcher.recipe.schema import Recipe, dump, fingerprint
 from launcher.train import checkpoint, distributed, report, rundir
 from launcher.train.optim import build_optimizer, build_scheduler
 from launcher.train.regularize import L2SP, pretrained_parameters
-from launcher.train.signals import StopFlag
+from launcher.train.signals import STOP
 from launcher.train.tasks import TASKS, Task
 
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
@@ -93,7 +93,14 @@ class Trainer:
         self.task: Task = TASKS[recipe.task]
         self.run_dir = Path(recipe.output.dir)
         self.wall_start = time.time()
-        self._setup(resume, overwrite)
+        # from the start: a stop signal that lands while the model loads is not lost
+        # (the run then stops, with a checkpoint, after its first step)
+        self.stop = STOP.install()
+        try:
+            self._setup(resume, overwrite)
+        except BaseException:
+            self.stop.uninstall()
+            raise
 
     # -- setup: every check first; the run folder is written only once they all pass --------
     def _setup(self, resume: str | None, overwrite: bool) -> None:
@@ -115,9 +122,12 @@ class Trainer:
             mixed_precision="bf16" if t.precision == "bf16" else "no",
             log_with=r.output.report_to or None,
             project_dir=str(self.run_dir / "trackers"),
-            kwargs_handlers=distributed.process_group_kwargs(self.strategy),
+            kwargs_handlers=distributed.process_group_kwargs(
+                self.strategy, r.distributed.timeout_minutes
+            ),
         )
         distributed.check_world(self.acc, self.strategy)
+        distributed.preflight(self.acc, fingerprint(r))
         self.main = self.acc.is_main_process
         self.resume_from = rundir.on_main(
             self.acc, lambda: rundir.find_start(self.run_dir, resume, overwrite)
@@ -229,6 +239,7 @@ class Trainer:
         self.metrics = report.MetricsLog(
             self.run_dir, self.main, self.state["step"] if self.resume_from else None
         )
+        self.metrics.write(self._start_record())
         self.eval_loader = self._eval_loader() if self.data.eval else None
         if r.output.report_to:
             trackers = self.run_dir / "trackers"
@@ -239,6 +250,20 @@ class Trainer:
                 config=_flat(dump(r)),
                 init_kwargs={"wandb": {"dir": str(trackers)}},  # offline files stay in the run
             )
+
+    def _start_record(self) -> dict[str, Any]:
+        """One line per start of the run (first start, resume, SLURM requeue) in metrics."""
+        env = os.environ
+        return {
+            "kind": "start",
+            "step": self.state["step"],
+            "total_steps": self.sched.total_steps,
+            "time": round(time.time(), 3),
+            "world_size": self.acc.num_processes,
+            "resumed_from": str(self.resume_from) if self.resume_from else None,
+            "slurm_job_id": env.get("SLURM_JOB_ID"),
+            "restart": int(env.get("SLURM_RESTART_COUNT", "0") or 0),
+        }
 
     # -- data ----------------------------------------------------------------------------
     def _collate(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
@@ -281,7 +306,7 @@ class Trainer:
         import torch
 
         t, s, st = self.recipe.train, self.sched, self.state
-        stop = StopFlag().install()
+        stop = self.stop
         bar = report.progress(s.total_steps, st["step"], self.main)
         status, grad_norm = "completed", None
         window_start = time.time()
@@ -348,6 +373,9 @@ class Trainer:
                         self._save_checkpoint()
                     if stopping:
                         status = "stopped"
+                        self.metrics.write(
+                            {"kind": "stop", "step": step, "time": round(time.time(), 3)}
+                        )
                     if status != "completed" or step >= s.total_steps:
                         break
         finally:
@@ -515,6 +543,10 @@ class Trainer:
             "schedule": self.sched.as_dict(),
             "data": self.data.stats,
             "resumed_from": str(self.resume_from) if self.resume_from else None,
+            "starts": sum(1 for r in records if r.get("kind") == "start"),
+            "restarts": max(
+                (r.get("restart", 0) for r in records if r.get("kind") == "start"), default=0
+            ),
             "model_dir": str(self.run_dir / "model") if (self.run_dir / "model").exists() else None,
             **report.peak_memory_mb(),
             "memory_per_rank": distributed.memory_per_rank(self.acc, self.rss_mb),

@@ -29,6 +29,9 @@ RUN_FILES = (
     "model",
     "trackers",
 )
+# what only training leaves: recipe.yaml alone (written by `ftl slurm` before the job
+# starts, or by a run that failed its checks) is not a run yet
+TRAINED = (report.METRICS, report.SUMMARY, report.PLOT, "checkpoints", "model", "trackers")
 T = TypeVar("T")
 
 
@@ -52,19 +55,26 @@ def on_main(acc: Any, fn: Callable[[], T]) -> T:
 
 
 def holds_run(run_dir: Path) -> bool:
-    return run_dir.is_dir() and any((run_dir / name).exists() for name in RUN_FILES)
+    return run_dir.is_dir() and any((run_dir / name).exists() for name in TRAINED)
 
 
 def find_start(run_dir: Path, resume: str | None, overwrite: bool) -> Path | None:
-    """The checkpoint to resume from (or None: a fresh start). Writes nothing."""
-    if resume and overwrite:
+    """The checkpoint to resume from (or None: a fresh start). Writes nothing.
+
+    `--resume auto --overwrite` continues from the newest complete checkpoint and starts
+    over when there is none: what a requeued batch job needs.
+    """
+    if resume and overwrite and resume != "auto":
         raise UserError(
             Problem(
-                "--resume and --overwrite exclude each other",
+                "--resume PATH and --overwrite exclude each other",
                 key="--overwrite",
-                hint="--resume continues a run, --overwrite starts it over",
+                hint="--resume continues a run, --overwrite starts it over "
+                "(--resume auto --overwrite: continue if there is a checkpoint, else start over)",
             )
         )
+    if resume == "auto" and overwrite:
+        return checkpoint.find_resume(run_dir, "auto")
     if resume:
         found = checkpoint.find_resume(run_dir, resume)
         if found is None and holds_run(run_dir):

@@ -2,6 +2,8 @@
 
 The loop then saves a complete checkpoint and exits; `--resume auto` carries on from it.
 Under several processes every rank must agree, so the flag is all-reduced (max).
+`STOP` is the process's one flag: `ftl train` installs it first thing, so a signal that
+arrives while libraries import or the model loads is kept, not lost.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ class StopFlag:
         self._previous: dict[int, Any] = {}
 
     def install(self) -> StopFlag:
+        if self._previous:  # already installed
+            return self
         for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -26,6 +30,7 @@ class StopFlag:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+        self.signal = None
 
     def _handle(self, signum: int, _frame: Any) -> None:
         if self.signal is not None and signum == signal.SIGINT:
@@ -40,3 +45,6 @@ class StopFlag:
 
         flag = torch.tensor([1.0 if self.signal is not None else 0.0], device=accelerator.device)
         return bool(accelerator.reduce(flag, reduction="max").item() > 0)
+
+
+STOP = StopFlag()
