@@ -60,3 +60,26 @@ def test_base_pieces_use_known_keys_and_are_used(path):
     assert _unknown_keys(data, Recipe) == []
     users = [p for p in FULL if path.name in p.read_text()]
     assert users, f"{path} is not extended by any recipe"
+
+
+WITH_SLURM = [p for p in FULL if "slurm" in (yaml.safe_load(p.read_text()) or {})]
+
+
+def test_some_recipes_carry_slurm_defaults():
+    assert len(WITH_SLURM) >= 2
+
+
+@pytest.mark.parametrize("path", WITH_SLURM, ids=lambda p: str(p.relative_to(RECIPES)))
+def test_recipe_renders_a_valid_batch_script(path, tmp_path, capsys):
+    import subprocess
+
+    from launcher.cli.main import main
+
+    rc = main(["slurm", str(path), "--dry-run", "-o", f"output.dir={tmp_path / 'run'}"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    script = tmp_path / "job.sbatch"
+    script.write_text(out.split("\n", 1)[1])  # after the "# ftl slurm --dry-run" line
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    assert "#SBATCH --gpus-per-node=8" in out and "#SBATCH --exclusive" in out
+    assert f"ftl slurm recipes/{path.relative_to(RECIPES)}" in path.read_text()

@@ -254,6 +254,7 @@ def test_two_nodes_usr1_checkpoints_requeues_and_resumes_exactly(
     record = json.loads((run / "distributed.json").read_text())
     assert record["world_size"] == 2
     assert record["collective_timeout_s"] == 7 * 60  # the recipe's, as torch holds it
+    assert record["preflight"]["allreduce_bus_gbps"] > 0
     assert (info["restarts"], info["starts"], info["last_step"]) == (1, 2, STEPS)
     assert_same(train_losses(run), reference, run)
 
@@ -468,6 +469,36 @@ def test_status_of_a_run_without_slurm(reference_run, tmp_path, capsys):
     assert "holds no run" in capsys.readouterr().err
 
 
+def test_script_stops_when_the_head_node_does_not_resolve(base, tmp_path):
+    """The real batch script, run by bash with SLURM's variables; `scontrol` names a head
+    node nobody can resolve: exit 2 with the reason, and srun is never started (no
+    fallback to localhost)."""
+    run = tmp_path / "run"
+    done = ftl(
+        "slurm", str(base), "-o", f"output.dir={run}", "--nodes", "2", "--dry-run", cwd=tmp_path
+    )
+    script = tmp_path / "job.sbatch"
+    script.write_text(done.stdout.split("\n", 1)[1])
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\necho no-such-node-ftl-test\n")
+    (bin_dir / "srun").write_text(f"#!/bin/sh\ntouch {tmp_path / 'srun-ran'}\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "77",
+        "SLURM_JOB_NODELIST": "no-such-node-ftl-test,n9",
+        "SLURM_JOB_NUM_NODES": "2",
+    }
+    got = subprocess.run(
+        ["bash", str(script)], env={**os.environ, **env}, capture_output=True, text=True, timeout=60
+    )
+    assert got.returncode == 2, got.stderr
+    assert "first node 'no-such-node-ftl-test'" in got.stderr and "not falling back" in got.stderr
+    assert not (tmp_path / "srun-ran").exists()
+
+
 # -- preflight: ranks that differ stop before the model loads ------------------------------
 def test_compare_ranks_names_each_difference():
     a = {"host": "n1", "python": "3.11.2", "torch": "2.13.0", "recipe": "aaa"}
@@ -525,3 +556,69 @@ def test_preflight_stops_mismatched_machines_with_one_clear_message(base, tmp_pa
     assert "the recipe (hash) differs" in text
     assert "[preflight] rank 0/2" in text and "[preflight] rank 1/2" in outs[1]
     assert not (out / "metrics.jsonl").exists()
+
+
+def can_hide_a_folder() -> bool:
+    """True when this machine can give one process its own view of a folder (root)."""
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "mount", "-t", "tmpfs", "x", "/mnt"],
+        capture_output=True,
+    )
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not can_hide_a_folder(), reason="needs unshare -m (root) to fake a node")
+def test_preflight_refuses_a_run_folder_the_nodes_do_not_share(base, tmp_path):
+    """Machine 1 runs in its own mount namespace with an empty tmpfs over the folder that
+    holds the run: like a node-local disk. Checkpoints would be split across machines, so
+    both stop before loading the model, naming the rank that cannot see the folder."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    out = shared / "run"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    hide = [
+        "unshare",
+        "-m",
+        "--propagation",
+        "private",
+        "bash",
+        "-c",
+        'mount -t tmpfs node-local "$1" && shift && exec "$@"',
+        "_",
+        str(shared),
+    ]
+    procs = []
+    for rank in (0, 1):
+        cmd = [
+            sys.executable,
+            "-m",
+            "launcher.cli.main",
+            "launch",
+            str(base),
+            "--num-processes=1",
+            "--num-machines=2",
+            f"--machine-rank={rank}",
+            "--main-process-ip=127.0.0.1",
+            f"--main-process-port={port}",
+            "-o",
+            f"output.dir={out}",
+        ]
+        procs.append(
+            subprocess.Popen(
+                (hide if rank else []) + cmd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+        time.sleep(0.5)
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, text in zip(procs, outs, strict=True):
+        assert p.returncode == 2, text[-3000:]
+        assert "Traceback" not in text, text[-3000:]
+        assert "rank 1" in text and "cannot see the run folder" in text, text[-3000:]
+    assert list(shared.iterdir()) == []  # the probe is gone, nothing was written

@@ -113,8 +113,9 @@ def compare_ranks(facts: list[dict[str, str]]) -> list[str]:
     return lines
 
 
-def preflight(acc: Any, recipe_hash: str) -> dict[str, str]:
-    """Log this rank's facts; UserError on every rank when the ranks do not match."""
+def preflight(acc: Any, recipe_hash: str, run_dir: Path) -> dict[str, Any]:
+    """Log this rank's facts; UserError on every rank when the ranks do not match or do
+    not share the run folder. Returns what distributed.json records about it."""
     import sys
 
     facts = rank_facts(recipe_hash)
@@ -125,7 +126,7 @@ def preflight(acc: Any, recipe_hash: str) -> dict[str, str]:
         flush=True,
     )
     if acc.num_processes == 1:
-        return facts
+        return {}
     import torch.distributed as td
 
     gathered: list[Any] = [None] * acc.num_processes
@@ -143,7 +144,76 @@ def preflight(acc: Any, recipe_hash: str) -> dict[str, str]:
             ],
             title="the ranks of this run do not match, so it stops before loading the model:",
         )
-    return facts
+    _check_shared_folder(acc, run_dir, gathered)
+    return {"allreduce_bus_gbps": _allreduce_bandwidth(acc)}
+
+
+def _check_shared_folder(acc: Any, run_dir: Path, facts: list[dict[str, str]]) -> None:
+    """Every rank must see the run folder rank 0 sees: checkpoints are written by every
+    rank and read back by every rank after a requeue, possibly on other nodes."""
+    import contextlib
+    import secrets
+
+    import torch.distributed as td
+
+    probe: list[Any] = [None]
+    if acc.is_main_process:
+        anchor = run_dir.resolve()
+        while not anchor.exists() and anchor != anchor.parent:
+            anchor = anchor.parent
+        path = anchor / f".ftl-shared-{secrets.token_hex(6)}"
+        with contextlib.suppress(OSError):  # unwritable: the run folder check says so later
+            path.write_text("")
+            probe[0] = str(path)
+    td.broadcast_object_list(probe, src=0)
+    seen: list[Any] = [None] * acc.num_processes
+    td.all_gather_object(seen, probe[0] is None or Path(probe[0]).is_file())
+    if acc.is_main_process and probe[0]:
+        Path(probe[0]).unlink(missing_ok=True)
+    blind = [r for r, ok in enumerate(seen) if not ok]
+    if blind:
+        who = ", ".join(f"rank {r} ({facts[r].get('host')})" for r in blind)
+        raise UserError(
+            Problem(
+                f"{who} cannot see the run folder {run_dir} as rank 0 "
+                f"({facts[0].get('host')}) writes it: it is not on a filesystem every node "
+                "shares, so checkpoints would be split across machines and never resume",
+                key="output.dir",
+                hint="put output.dir on the shared filesystem (the one holding your "
+                "home or scratch folder on the cluster)",
+            )
+        )
+
+
+def _allreduce_bandwidth(acc: Any, mib: int = 8, rounds: int = 3) -> float:
+    """Bus bandwidth of an all-reduce of `mib` MiB, GB/s (logged by rank 0): a slow
+    interconnect (NCCL fallen back to sockets, the wrong NIC) shows before training."""
+    import sys
+    import time
+
+    import torch
+    import torch.distributed as td
+
+    x = torch.ones(mib * 2**18, dtype=torch.float32, device=acc.device)
+    td.all_reduce(x)  # warm-up: connections, buffers
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(rounds):
+        td.all_reduce(x)
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / rounds
+    n = acc.num_processes
+    gbps = 2 * (n - 1) / n * x.numel() * 4 / seconds / 1e9
+    if acc.is_main_process:
+        print(
+            f"[preflight] all-reduce of {mib} MiB over {n} ranks ({td.get_backend()}): "
+            f"{seconds * 1e3:.1f} ms, bus bandwidth {gbps:.2f} GB/s",
+            file=sys.stderr,
+            flush=True,
+        )
+    return round(gbps, 3)
 
 
 _EXPECTED_TYPES = {
@@ -294,7 +364,14 @@ def fsdp_units(model: Any) -> list[str]:
     return sorted({type(m).__name__ for m in model.modules() if isinstance(m, FSDPModule)})
 
 
-def write_record(run_dir: Path, acc: Any, strategy: Strategy, sched: Schedule, model: Any) -> None:
+def write_record(
+    run_dir: Path,
+    acc: Any,
+    strategy: Strategy,
+    sched: Schedule,
+    model: Any,
+    preflight: dict[str, Any] | None = None,
+) -> None:
     """`distributed.json` in the run folder: how the world and the batch were made."""
     record = {
         "strategy": strategy.name,
@@ -309,5 +386,6 @@ def write_record(run_dir: Path, acc: Any, strategy: Strategy, sched: Schedule, m
         "fsdp_units": fsdp_units(model) if strategy.kind == "fsdp" else None,
         "weight_bytes": weight_bytes(model),
         "collective_timeout_s": collective_timeout_s(),
+        "preflight": preflight or {},
     }
     (run_dir / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")

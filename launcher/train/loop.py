@@ -127,7 +127,7 @@ class Trainer:
             ),
         )
         distributed.check_world(self.acc, self.strategy)
-        distributed.preflight(self.acc, fingerprint(r))
+        self.preflight = distributed.preflight(self.acc, fingerprint(r), self.run_dir)
         self.main = self.acc.is_main_process
         self.resume_from = rundir.on_main(
             self.acc, lambda: rundir.find_start(self.run_dir, resume, overwrite)
@@ -234,7 +234,9 @@ class Trainer:
                 clear=self.resume_from is None and rundir.holds_run(self.run_dir),
                 resumed_at=self.state["step"] if resumed_here else None,
             )
-            distributed.write_record(self.run_dir, self.acc, self.strategy, self.sched, self.model)
+            distributed.write_record(
+                self.run_dir, self.acc, self.strategy, self.sched, self.model, self.preflight
+            )
         self.acc.wait_for_everyone()
         self.metrics = report.MetricsLog(
             self.run_dir, self.main, self.state["step"] if self.resume_from else None
