@@ -25,6 +25,10 @@ VERBS: dict[str, tuple[str, str]] = {
         "submit a recipe as a SLURM batch job (multi-node, checkpoint and requeue on preemption)",
     ),
     "status": ("launcher.cli.status", "where a run stands: job, step, checkpoint, restarts"),
+    "merge": (
+        "launcher.tools.merge",
+        "fold a LoRA/DoRA adapter into its base, shard by shard (bounded memory)",
+    ),
     "estimate": (
         "launcher.cli.estimate",
         "per-device memory of a recipe for every strategy, and the cheapest that fits",

@@ -1,0 +1,538 @@
+"""`ftl merge --base MODEL --adapter DIR --out DIR` (also `tools/merge_adapter.py`).
+
+Folds a PEFT LoRA / rsLoRA / DoRA adapter into its base model without ever holding the
+whole model: the base's safetensors are read one tensor at a time, each targeted weight
+gets its delta in float32, and the result is written as sharded safetensors with an
+index, next to the config, tokenizer, chat template and generation config. Peak memory
+is about one output shard plus the adapter.
+
+    LoRA     W' = W + s * B @ A,  s = alpha / r   (rsLoRA: alpha / sqrt(r))
+    DoRA     W' = m / ||W + s * B @ A||_row * (W + s * B @ A)
+    embedding LoRA  E' = E + s * (B @ A)^T
+    modules_to_save: the adapter's copy replaces the base tensor (grown embeddings too)
+
+Written into a temporary folder next to `--out` and renamed into place at the end; a
+failure (a bad tensor, a full disk) removes the temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from launcher.errors import Problem, UserError
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+PREFIX = "base_model.model."
+# files copied from the adapter folder first (ftl saves the tokenizer it trained with
+# there, added tokens included), else from the base
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+# adapter_config keys whose non-default values change the math: refused, not ignored
+UNSUPPORTED = {
+    "lora_bias": False,
+    "use_qalora": False,
+    "layer_replication": None,
+    "trainable_token_indices": None,
+    "target_parameters": None,
+    "alora_invocation_tokens": None,
+    "use_bdlora": False,
+}
+
+
+@dataclass
+class Delta:
+    """One adapted module: its LoRA factors (and DoRA magnitude)."""
+
+    a: Any = None
+    b: Any = None
+    magnitude: Any = None
+    embedding: bool = False
+    alpha: float = 0.0
+
+
+@dataclass
+class Adapter:
+    path: Path
+    config: dict[str, Any]
+    deltas: dict[str, Delta] = field(default_factory=dict)  # base weight key -> delta
+    replaced: dict[str, Any] = field(default_factory=dict)  # modules_to_save tensors
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [
+            t for d in self.deltas.values() for t in (d.a, d.b, d.magnitude) if t is not None
+        ]
+        tensors += list(self.replaced.values())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+# -- reading ---------------------------------------------------------------------------
+def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """PEFT's rank_pattern / alpha_pattern lookup: the key matches the module path's end."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
+
+
+def _open_safetensors(path: Path) -> Any:
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as e:  # SafetensorError, OSError: truncated, not safetensors, ...
+        raise UserError(
+            Problem(
+                f"cannot read {path}: {e}",
+                hint="the file is damaged or incomplete (an interrupted copy or download?): "
+                "copy it again",
+            )
+        ) from None
+
+
+def read_adapter(path: Path) -> Adapter:
+    """The adapter's factors, keyed by the base weight they change."""
+    cfg_path = path / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise UserError(
+            Problem(
+                f"{path} has no adapter_config.json",
+                key="--adapter",
+                hint="pass the folder PEFT (or ftl, in RUN/model) saved the adapter to",
+            )
+        )
+    config = json.loads(cfg_path.read_text())
+    if config.get("peft_type") != "LORA":
+        raise UserError(
+            Problem(
+                f"{path} holds a {config.get('peft_type')} adapter; only LoRA/DoRA merge",
+                key="--adapter",
+            )
+        )
+    bad = [k for k, default in UNSUPPORTED.items() if config.get(k) not in (default, None, [], {})]
+    if bad:
+        raise UserError(
+            Problem(
+                f"the adapter uses {', '.join(bad)}, which ftl merge does not fold in",
+                key="--adapter",
+                hint="merge with PEFT's merge_and_unload instead",
+            )
+        )
+    weights = path / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise UserError(
+            Problem(
+                f"{path} has no adapter_model.safetensors",
+                key="--adapter",
+                hint="save the adapter with safetensors (PEFT's default)",
+            )
+        )
+    adapter = Adapter(path, config)
+    alpha, patterns = float(config["lora_alpha"]), config.get("alpha_pattern") or {}
+    with _open_safetensors(weights) as f:
+        for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+            name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
+            m = re.match(
+                r"(.+)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.weight)?$", name
+            )
+            if m:
+                module, part = m.group(1), m.group(2)
+                d = adapter.deltas.setdefault(f"{module}.weight", Delta())
+                d.alpha = float(_pattern_value(patterns, module, alpha))
+                tensor = f.get_tensor(key)
+                if part.endswith("A"):
+                    d.a = tensor
+                else:
+                    d.b = tensor
+                d.embedding = part.startswith("lora_embedding")
+                continue
+            m = re.match(r"(.+)\.lora_magnitude_vector(\.weight)?$", name)
+            if m:
+                adapter.deltas.setdefault(f"{m.group(1)}.weight", Delta()).magnitude = f.get_tensor(
+                    key
+                )
+                continue
+            # modules_to_save, or the full weight of a targeted layer PEFT saved with the
+            # adapter (`X.base_layer.weight`: embeddings, grown by added tokens)
+            adapter.replaced[name.replace(".base_layer.", ".")] = f.get_tensor(key)
+    broken = [k for k, d in adapter.deltas.items() if d.a is None or d.b is None]
+    if broken:
+        raise UserError(
+            Problem(f"{weights}: {broken[0]} lacks its lora_A or lora_B", key="--adapter")
+        )
+    return adapter
+
+
+def base_shards(base: Path) -> list[Path]:
+    index = base / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [base / f for f in files]
+    single = base / "model.safetensors"
+    if single.is_file():
+        return [single]
+    found = sorted(base.glob("*.safetensors"))
+    if found:
+        return found
+    raise UserError(
+        Problem(
+            f"{base} holds no safetensors weights",
+            key="--base",
+            hint="pass a Hugging Face model folder saved with safetensors "
+            "(`huggingface-cli download` fetches them)",
+        )
+    )
+
+
+# -- the math ----------------------------------------------------------------------------
+def scaling(cfg: dict[str, Any], d: Delta) -> float:
+    r = d.a.shape[0]
+    return d.alpha / math.sqrt(r) if cfg.get("use_rslora") else d.alpha / r
+
+
+def merged(weight: Any, d: Delta, cfg: dict[str, Any], key: str, out_dtype: Any) -> Any:
+    """`weight` with the adapter folded in, computed in float32."""
+    import torch
+
+    w = weight.to(torch.float32)
+    s = scaling(cfg, d)
+    delta = d.b.to(torch.float32) @ d.a.to(torch.float32)
+    if d.embedding or cfg.get("fan_in_fan_out"):
+        delta = delta.T
+    if delta.shape != w.shape:
+        raise UserError(
+            Problem(
+                f"the adapter was trained on another base: {key} is {tuple(w.shape)} in the "
+                f"base but the adapter's update is {tuple(delta.shape)} "
+                f"(lora_A {tuple(d.a.shape)}, lora_B {tuple(d.b.shape)})",
+                key="--base",
+                hint=f"merge into the model the adapter was trained on "
+                f"({cfg.get('base_model_name_or_path')})",
+            )
+        )
+    w = w + s * delta
+    if d.magnitude is not None:  # DoRA: rescale every output row to its learned norm
+        norm = torch.linalg.norm(w, dim=1)
+        w = (d.magnitude.to(torch.float32) / norm).unsqueeze(1) * w
+    return w.to(out_dtype)
+
+
+# -- writing -----------------------------------------------------------------------------
+class ShardWriter:
+    """Accumulates tensors and writes a safetensors shard whenever `limit` bytes are held."""
+
+    def __init__(self, folder: Path, limit: int):
+        self.folder, self.limit = folder, limit
+        self.held: dict[str, Any] = {}
+        self.held_bytes = 0
+        self.files: list[tuple[str, list[str]]] = []
+        self.total = 0
+
+    def add(self, key: str, tensor: Any) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.held and self.held_bytes + size > self.limit:
+            self.flush()
+        self.held[key] = tensor.contiguous()
+        self.held_bytes += size
+        self.total += size
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.held:
+            return
+        name = f"part-{len(self.files) + 1:05d}.safetensors"
+        save_file(self.held, str(self.folder / name), metadata={"format": "pt"})
+        self.files.append((name, list(self.held)))
+        self.held, self.held_bytes = {}, 0
+
+    def finish(self) -> None:
+        """Final names model-0000i-of-0000n.safetensors and the index."""
+        self.flush()
+        n = len(self.files)
+        weight_map = {}
+        for i, (name, keys) in enumerate(self.files, start=1):
+            final = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+            os.replace(self.folder / name, self.folder / final)
+            weight_map.update(dict.fromkeys(keys, final))
+        if n > 1:
+            index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+@dataclass
+class Plan:
+    base: Path
+    adapter: Adapter
+    out: Path
+    dtype: str | None
+    shards: list[Path]
+    max_shard_bytes: int
+
+
+def plan(
+    base: Path,
+    adapter_dir: Path,
+    out: Path,
+    dtype: str | None,
+    max_shard_mb: int | None,
+    overwrite: bool,
+) -> Plan:
+    adapter = read_adapter(adapter_dir)
+    if not base.is_dir():
+        raise UserError(
+            Problem(
+                f"{base} is not a model folder",
+                key="--base",
+                hint="download the base first (huggingface-cli download NAME --local-dir DIR)",
+            )
+        )
+    if not (base / "config.json").is_file():
+        raise UserError(Problem(f"{base} has no config.json", key="--base"))
+    if out.exists() and not overwrite:
+        raise UserError(
+            Problem(
+                f"{out} already exists", key="--out", hint="add --overwrite, or pick another folder"
+            )
+        )
+    if out.resolve() in (base.resolve(), adapter_dir.resolve()):
+        raise UserError(Problem("--out must differ from --base and --adapter", key="--out"))
+    shards = base_shards(base)
+    largest = max(p.stat().st_size for p in shards)
+    limit = max_shard_mb * 2**20 if max_shard_mb else largest
+    return Plan(base, adapter, out, dtype, shards, limit)
+
+
+def _tensors(p: Plan) -> Iterator[tuple[Path, str, Any]]:
+    for shard in p.shards:
+        with _open_safetensors(shard) as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                yield shard, key, f
+
+
+def merge(p: Plan, *, progress: bool = True) -> dict[str, Any]:
+    """Run the plan; return a report (tensors merged, replaced, copied; bytes)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    out_dtype = getattr(torch, DTYPES[p.dtype]) if p.dtype else None
+    cfg = p.adapter.config
+    parent = p.out.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{p.out.name}.tmp-", dir=parent))
+    report = {"merged": 0, "replaced": 0, "copied": 0}
+    try:
+        writer = ShardWriter(tmp, p.max_shard_bytes)
+        seen: set[str] = set()
+        total = sum(1 for _ in _tensors(p))
+        with tqdm(
+            total=total,
+            disable=not progress,
+            unit="tensor",
+            file=sys.stderr,
+            desc="merge",
+            dynamic_ncols=True,
+            mininterval=1.0,
+        ) as bar:
+            for _shard, key, f in _tensors(p):
+                seen.add(key)
+                tensor = f.get_tensor(key)
+                dtype = out_dtype or tensor.dtype
+                if key in p.adapter.replaced:  # the adapter's own copy of this weight
+                    tensor = p.adapter.replaced[key]
+                    report["replaced"] += 1
+                if key in p.adapter.deltas:
+                    tensor = merged(tensor, p.adapter.deltas[key], cfg, key, dtype)
+                    report["merged"] += 1
+                else:
+                    report["copied"] += key not in p.adapter.replaced
+                    tensor = tensor.to(dtype)
+                writer.add(key, tensor)
+                bar.update(1)
+        missing = sorted(k for k in p.adapter.deltas if k not in seen)
+        if missing:
+            raise UserError(
+                Problem(
+                    f"the adapter was trained on another base: it changes {missing[0]}, "
+                    f"which {p.base} does not have ({len(missing)} such tensor(s))",
+                    key="--base",
+                    hint=f"merge into {cfg.get('base_model_name_or_path')}",
+                )
+            )
+        for key in sorted(set(p.adapter.replaced) - seen):  # e.g. a head the base ties
+            if not _tied_head(p.base, key):
+                writer.add(
+                    key, p.adapter.replaced[key].to(out_dtype or p.adapter.replaced[key].dtype)
+                )
+                report["replaced"] += 1
+        writer.finish()
+        _write_config(p, tmp, out_dtype)
+        _copy_side_files(p, tmp)
+        report["bytes"] = writer.total
+        report["shards"] = max(1, len(writer.files))
+        if p.out.exists():
+            shutil.rmtree(p.out)
+        os.replace(tmp, p.out)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        # ENOSPC, from Python or from safetensors' Rust writer ("os error 28")
+        if getattr(e, "errno", None) == 28 or "os error 28" in str(e):
+            raise UserError(
+                Problem(
+                    f"the disk under {parent} is full; the partial output was removed",
+                    key="--out",
+                    hint="free space or pick another folder for --out",
+                )
+            ) from None
+        raise
+    return report
+
+
+def _tied_head(base: Path, key: str) -> bool:
+    config = json.loads((base / "config.json").read_text())
+    return key.endswith("lm_head.weight") and bool(config.get("tie_word_embeddings"))
+
+
+def _write_config(p: Plan, folder: Path, out_dtype: Any) -> None:
+    config = json.loads((p.base / "config.json").read_text())
+    for key, tensor in p.adapter.replaced.items():
+        if key.endswith("embed_tokens.weight") and "vocab_size" in config:
+            config["vocab_size"] = tensor.shape[0]  # added tokens grew the embeddings
+    if out_dtype is not None:
+        name = str(out_dtype).replace("torch.", "")
+        config["dtype"] = name
+        config.pop("torch_dtype", None)
+    config.pop("quantization_config", None)
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _copy_side_files(p: Plan, folder: Path) -> None:
+    for name in (*TOKENIZER_FILES, "generation_config.json"):
+        for source in (p.adapter.path, p.base):
+            if (source / name).is_file():
+                shutil.copy2(source / name, folder / name)
+                break
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def describe(p: Plan) -> str:
+    """What --dry-run prints: inputs, what changes, and the files that would be written."""
+    lines = [f"base     {p.base} ({len(p.shards)} shard(s))"]
+    cfg = p.adapter.config
+    kind = "DoRA" if cfg.get("use_dora") else "LoRA"
+    if cfg.get("use_rslora"):
+        kind = "rs" + kind
+    lines.append(
+        f"adapter  {p.adapter.path}: {kind} r={cfg.get('r')} alpha={cfg.get('lora_alpha')}, "
+        f"{len(p.adapter.deltas)} weight(s) changed, {len(p.adapter.replaced)} replaced "
+        f"(modules_to_save), {_size(p.adapter.nbytes)}"
+    )
+    dtypes: dict[str, int] = {}
+    total = 0
+    for _shard, key, f in _tensors(p):
+        sl = f.get_slice(key)
+        dtypes[sl.get_dtype()] = dtypes.get(sl.get_dtype(), 0) + 1
+        n = 1
+        for d in sl.get_shape():
+            n *= d
+        total += n
+    lines.append(
+        f"tensors  {sum(dtypes.values())} ({', '.join(f'{v} {k}' for k, v in dtypes.items())}), "
+        f"{total / 1e6:.2f}M parameters; written as "
+        f"{DTYPES[p.dtype] if p.dtype else 'they are (' + ', '.join(dtypes) + ')'}"
+    )
+    lines.append(
+        f"out      {p.out}: safetensors shards of at most {_size(p.max_shard_bytes)}, config.json,"
+    )
+    lines.append("         tokenizer, chat template, generation config")
+    return "\n".join(lines)
+
+
+# -- command line (ftl merge, tools/merge_adapter.py) -------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", required=True, type=Path, help="the adapter folder (PEFT format)")
+    p.add_argument(
+        "--base",
+        type=Path,
+        help="the base model folder (default: the adapter's base_model_name_or_path)",
+    )
+    p.add_argument("--out", required=True, type=Path, help="folder for the merged model")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="output dtype (default: the base's)")
+    p.add_argument(
+        "--max-shard-mb", type=int, help="output shard size (default: the base's largest)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument(
+        "--dry-run", action="store_true", help="print what would be written; write nothing"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from launcher.assets import resolve_path
+
+    adapter_dir = args.adapter
+    base = args.base
+    if base is None:
+        cfg_path = adapter_dir / "adapter_config.json"
+        name = (
+            json.loads(cfg_path.read_text()).get("base_model_name_or_path")
+            if cfg_path.is_file()
+            else None
+        )
+        if not name:
+            read_adapter(adapter_dir)  # says what is wrong with the adapter folder
+            raise UserError(
+                Problem("the adapter does not name its base", key="--base", hint="pass --base")
+            )
+        base = resolve_path(name, base=Path.cwd())
+    if args.max_shard_mb is not None and args.max_shard_mb < 1:
+        raise UserError(Problem("must be at least 1", key="--max-shard-mb"))
+    p = plan(Path(base), adapter_dir, args.out, args.dtype, args.max_shard_mb, args.overwrite)
+    if args.dry_run:
+        print(describe(p))
+        return 0
+    report = merge(p)
+    print(
+        f"ftl merge: {report['merged']} weight(s) merged, {report['replaced']} replaced, "
+        f"{report['copied']} copied -> {p.out} ({report['shards']} shard(s), "
+        f"{report['bytes'] / 2**20:.1f} MiB)"
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="merge_adapter.py", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except UserError as e:
+        print(f"merge: error: {e.render()}", file=sys.stderr)
+        return 2
