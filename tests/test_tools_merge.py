@@ -159,7 +159,8 @@ def test_tools_script_dry_run_writes_nothing_and_bf16_output(sharded_base, tmp_p
     done = subprocess.run([*args, "--dry-run"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "LoRA r=4" in done.stdout and "6 weight(s) changed" in done.stdout
-    assert "written as they are (F32)" in done.stdout and not out.exists()
+    assert "model-00001-of-0000" in done.stdout and " F32)" in done.stdout
+    assert "model.safetensors.index.json" in done.stdout and not out.exists()
     done = subprocess.run(
         [*args, "--dtype", "bf16", "--max-shard-mb", "1"], capture_output=True, text=True
     )

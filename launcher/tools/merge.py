@@ -86,6 +86,121 @@ class Adapter:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
+# -- safetensors, one tensor at a time ------------------------------------------------------
+# Reading through safetensors' mmap keeps every page it touched resident until the file is
+# closed (a whole shard), and its writer needs every tensor of a shard in memory. These
+# read and write the same format with plain file I/O, so only the tensor at hand is held.
+ST_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor of a safetensors file: where its bytes are and what they hold."""
+
+    key: str
+    dtype: str  # safetensors name, e.g. BF16
+    shape: tuple[int, ...]
+    start: int  # absolute byte offsets in the file
+    end: int
+
+
+def read_header(path: Path) -> list[Entry]:
+    """The tensors of a safetensors file, in file order; UserError if it is damaged."""
+    import struct
+
+    def damaged(why: str) -> UserError:
+        return UserError(
+            Problem(
+                f"cannot read {path}: {why}",
+                hint="the file is damaged or incomplete (an interrupted copy or download?): "
+                "copy it again",
+            )
+        )
+
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise damaged("shorter than a safetensors header")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100 * 2**20:
+            raise damaged("the header length points past the end of the file")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise damaged("the header is not valid JSON") from None
+    entries = []
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        entries.append(Entry(key, info["dtype"], tuple(info["shape"]), 8 + n + begin, 8 + n + end))
+    entries.sort(key=lambda e: e.start)
+    if entries and entries[-1].end > size:
+        raise damaged(f"it ends before its last tensor ({entries[-1].key}) does")
+    return entries
+
+
+def read_tensor(path: Path, entry: Entry) -> Any:
+    import torch
+
+    with path.open("rb") as f:
+        f.seek(entry.start)
+        data = bytearray(f.read(entry.end - entry.start))
+    dtype = getattr(torch, ST_DTYPES[entry.dtype])
+    if not data:
+        return torch.empty(entry.shape, dtype=dtype)
+    return torch.frombuffer(data, dtype=dtype).reshape(entry.shape)
+
+
+def st_dtype(torch_dtype: Any) -> str:
+    name = str(torch_dtype).replace("torch.", "")
+    return next(k for k, v in ST_DTYPES.items() if v == name)
+
+
+def write_shard(path: Path, planned: list[tuple[str, str, tuple[int, ...]]], tensors: Any) -> int:
+    """Write a safetensors file whose tensors come one by one from `tensors` (in the order
+    of `planned`: key, dtype, shape); the header is known before any data. Returns bytes."""
+    import struct
+
+    import torch
+
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for key, dtype, shape in planned:
+        n = (
+            math.prod(shape)
+            * torch.empty((), dtype=getattr(torch, ST_DTYPES[dtype])).element_size()
+        )
+        header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # data starts 8-byte aligned
+    with path.open("wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for (key, dtype, shape), tensor in zip(planned, tensors, strict=True):
+            if st_dtype(tensor.dtype) != dtype or tuple(tensor.shape) != tuple(shape):
+                raise RuntimeError(
+                    f"{key}: planned {dtype}{shape}, got {tensor.dtype}{tuple(tensor.shape)}"
+                )
+            f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return offset
+
+
 # -- reading ---------------------------------------------------------------------------
 def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     """PEFT's rank_pattern / alpha_pattern lookup: the key matches the module path's end."""
@@ -237,47 +352,22 @@ def merged(weight: Any, d: Delta, cfg: dict[str, Any], key: str, out_dtype: Any)
     return w.to(out_dtype)
 
 
-# -- writing -----------------------------------------------------------------------------
-class ShardWriter:
-    """Accumulates tensors and writes a safetensors shard whenever `limit` bytes are held."""
+# -- planning and writing -----------------------------------------------------------------
+@dataclass(frozen=True)
+class Item:
+    """One tensor of the merged model."""
 
-    def __init__(self, folder: Path, limit: int):
-        self.folder, self.limit = folder, limit
-        self.held: dict[str, Any] = {}
-        self.held_bytes = 0
-        self.files: list[tuple[str, list[str]]] = []
-        self.total = 0
+    key: str
+    source: tuple[Path, Entry] | None  # the base's tensor (None: the adapter's only)
+    dtype: str  # safetensors dtype written
+    shape: tuple[int, ...]
 
-    def add(self, key: str, tensor: Any) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.held and self.held_bytes + size > self.limit:
-            self.flush()
-        self.held[key] = tensor.contiguous()
-        self.held_bytes += size
-        self.total += size
+    @property
+    def nbytes(self) -> int:
+        import torch
 
-    def flush(self) -> None:
-        from safetensors.torch import save_file
-
-        if not self.held:
-            return
-        name = f"part-{len(self.files) + 1:05d}.safetensors"
-        save_file(self.held, str(self.folder / name), metadata={"format": "pt"})
-        self.files.append((name, list(self.held)))
-        self.held, self.held_bytes = {}, 0
-
-    def finish(self) -> None:
-        """Final names model-0000i-of-0000n.safetensors and the index."""
-        self.flush()
-        n = len(self.files)
-        weight_map = {}
-        for i, (name, keys) in enumerate(self.files, start=1):
-            final = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
-            os.replace(self.folder / name, self.folder / final)
-            weight_map.update(dict.fromkeys(keys, final))
-        if n > 1:
-            index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
-            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        size = torch.empty((), dtype=getattr(torch, ST_DTYPES[self.dtype])).element_size()
+        return math.prod(self.shape) * size
 
 
 @dataclass
@@ -286,8 +376,20 @@ class Plan:
     adapter: Adapter
     out: Path
     dtype: str | None
-    shards: list[Path]
-    max_shard_bytes: int
+    shards: list[list[Item]]  # the output files, in order
+
+    @property
+    def items(self) -> list[Item]:
+        return [item for shard in self.shards for item in shard]
+
+    def file_names(self) -> list[str]:
+        n = len(self.shards)
+        if n == 1:
+            return ["model.safetensors"]
+        return [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+
+
+FLOATS = {"F64", "F32", "F16", "BF16"}
 
 
 def plan(
@@ -298,6 +400,9 @@ def plan(
     max_shard_mb: int | None,
     overwrite: bool,
 ) -> Plan:
+    """Every check, from headers only: nothing is read in full and nothing is written."""
+    import torch
+
     adapter = read_adapter(adapter_dir)
     if not base.is_dir():
         raise UserError(
@@ -317,36 +422,106 @@ def plan(
         )
     if out.resolve() in (base.resolve(), adapter_dir.resolve()):
         raise UserError(Problem("--out must differ from --base and --adapter", key="--out"))
-    shards = base_shards(base)
-    largest = max(p.stat().st_size for p in shards)
+    files = base_shards(base)
+    out_st = st_dtype(getattr(torch, DTYPES[dtype])) if dtype else None
+    cfg = adapter.config
+    items: list[Item] = []
+    for path in files:
+        for e in read_header(path):
+            shape = tuple(adapter.replaced[e.key].shape) if e.key in adapter.replaced else e.shape
+            d = adapter.deltas.get(e.key)
+            if d is not None:
+                _check_delta(e.key, shape, d, cfg)
+            written = out_st if out_st and e.dtype in FLOATS else e.dtype
+            items.append(Item(e.key, (path, e), written, shape))
+    seen = {i.key for i in items}
+    missing = sorted(k for k in adapter.deltas if k not in seen)
+    if missing:
+        raise UserError(
+            Problem(
+                f"the adapter was trained on another base: it changes {missing[0]}, "
+                f"which {base} does not have ({len(missing)} such tensor(s))",
+                key="--base",
+                hint=f"merge into {cfg.get('base_model_name_or_path')}",
+            )
+        )
+    for key in sorted(set(adapter.replaced) - seen):  # e.g. a head the base ties
+        if not _tied_head(base, key):
+            t = adapter.replaced[key]
+            items.append(Item(key, None, out_st or st_dtype(t.dtype), tuple(t.shape)))
+    largest = max(p.stat().st_size for p in files)
     limit = max_shard_mb * 2**20 if max_shard_mb else largest
-    return Plan(base, adapter, out, dtype, shards, limit)
+    shards: list[list[Item]] = [[]]
+    held = 0
+    for item in items:
+        if shards[-1] and held + item.nbytes > limit:
+            shards.append([])
+            held = 0
+        shards[-1].append(item)
+        held += item.nbytes
+    return Plan(base, adapter, out, dtype, shards)
 
 
-def _tensors(p: Plan) -> Iterator[tuple[Path, str, Any]]:
-    for shard in p.shards:
-        with _open_safetensors(shard) as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                yield shard, key, f
+def _check_delta(key: str, shape: tuple[int, ...], d: Delta, cfg: dict[str, Any]) -> None:
+    rows, cols = d.b.shape[0], d.a.shape[1]
+    update = (cols, rows) if d.embedding or cfg.get("fan_in_fan_out") else (rows, cols)
+    if tuple(shape) != update or d.b.shape[1] != d.a.shape[0]:
+        raise UserError(
+            Problem(
+                f"the adapter was trained on another base: {key} is {tuple(shape)} in the "
+                f"base but the adapter's update is {update} "
+                f"(lora_A {tuple(d.a.shape)}, lora_B {tuple(d.b.shape)})",
+                key="--base",
+                hint=f"merge into the model the adapter was trained on "
+                f"({cfg.get('base_model_name_or_path')})",
+            )
+        )
+    if d.magnitude is not None and d.magnitude.shape[0] != shape[0]:
+        raise UserError(
+            Problem(
+                f"the adapter was trained on another base: {key} has {shape[0]} rows but "
+                f"its DoRA magnitude {d.magnitude.shape[0]}",
+                key="--base",
+            )
+        )
+
+
+def _produce(p: Plan, shard: list[Item], report: dict[str, int], bar: Any) -> Iterator[Any]:
+    """The merged tensors of one output shard, one at a time."""
+    import torch
+
+    cfg = p.adapter.config
+    for item in shard:
+        dtype = getattr(torch, ST_DTYPES[item.dtype])
+        if item.key in p.adapter.replaced:  # the adapter's own copy of this weight
+            tensor = p.adapter.replaced[item.key]
+            report["replaced"] += 1
+        else:
+            path, entry = item.source  # type: ignore[misc]
+            tensor = read_tensor(path, entry)
+        if item.key in p.adapter.deltas:
+            tensor = merged(tensor, p.adapter.deltas[item.key], cfg, item.key, dtype)
+            report["merged"] += 1
+        else:
+            report["copied"] += item.key not in p.adapter.replaced
+            tensor = tensor.to(dtype)
+        bar.update(1)
+        yield tensor
+        del tensor
 
 
 def merge(p: Plan, *, progress: bool = True) -> dict[str, Any]:
     """Run the plan; return a report (tensors merged, replaced, copied; bytes)."""
-    import torch
     from tqdm.auto import tqdm
 
-    out_dtype = getattr(torch, DTYPES[p.dtype]) if p.dtype else None
-    cfg = p.adapter.config
     parent = p.out.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{p.out.name}.tmp-", dir=parent))
-    report = {"merged": 0, "replaced": 0, "copied": 0}
+    report = {"merged": 0, "replaced": 0, "copied": 0, "bytes": 0, "shards": len(p.shards)}
+    names = p.file_names()
     try:
-        writer = ShardWriter(tmp, p.max_shard_bytes)
-        seen: set[str] = set()
-        total = sum(1 for _ in _tensors(p))
         with tqdm(
-            total=total,
+            total=len(p.items),
             disable=not progress,
             unit="tensor",
             file=sys.stderr,
@@ -354,49 +529,23 @@ def merge(p: Plan, *, progress: bool = True) -> dict[str, Any]:
             dynamic_ncols=True,
             mininterval=1.0,
         ) as bar:
-            for _shard, key, f in _tensors(p):
-                seen.add(key)
-                tensor = f.get_tensor(key)
-                dtype = out_dtype or tensor.dtype
-                if key in p.adapter.replaced:  # the adapter's own copy of this weight
-                    tensor = p.adapter.replaced[key]
-                    report["replaced"] += 1
-                if key in p.adapter.deltas:
-                    tensor = merged(tensor, p.adapter.deltas[key], cfg, key, dtype)
-                    report["merged"] += 1
-                else:
-                    report["copied"] += key not in p.adapter.replaced
-                    tensor = tensor.to(dtype)
-                writer.add(key, tensor)
-                bar.update(1)
-        missing = sorted(k for k in p.adapter.deltas if k not in seen)
-        if missing:
-            raise UserError(
-                Problem(
-                    f"the adapter was trained on another base: it changes {missing[0]}, "
-                    f"which {p.base} does not have ({len(missing)} such tensor(s))",
-                    key="--base",
-                    hint=f"merge into {cfg.get('base_model_name_or_path')}",
-                )
-            )
-        for key in sorted(set(p.adapter.replaced) - seen):  # e.g. a head the base ties
-            if not _tied_head(p.base, key):
-                writer.add(
-                    key, p.adapter.replaced[key].to(out_dtype or p.adapter.replaced[key].dtype)
-                )
-                report["replaced"] += 1
-        writer.finish()
-        _write_config(p, tmp, out_dtype)
+            for name, shard in zip(names, p.shards, strict=True):
+                planned = [(i.key, i.dtype, i.shape) for i in shard]
+                report["bytes"] += write_shard(tmp / name, planned, _produce(p, shard, report, bar))
+        if len(names) > 1:
+            index = {
+                "metadata": {"total_size": report["bytes"]},
+                "weight_map": {i.key: n for n, sh in zip(names, p.shards, strict=True) for i in sh},
+            }
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        _write_config(p, tmp)
         _copy_side_files(p, tmp)
-        report["bytes"] = writer.total
-        report["shards"] = max(1, len(writer.files))
         if p.out.exists():
             shutil.rmtree(p.out)
         os.replace(tmp, p.out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        # ENOSPC, from Python or from safetensors' Rust writer ("os error 28")
-        if getattr(e, "errno", None) == 28 or "os error 28" in str(e):
+        if getattr(e, "errno", None) == 28:  # ENOSPC
             raise UserError(
                 Problem(
                     f"the disk under {parent} is full; the partial output was removed",
@@ -413,14 +562,13 @@ def _tied_head(base: Path, key: str) -> bool:
     return key.endswith("lm_head.weight") and bool(config.get("tie_word_embeddings"))
 
 
-def _write_config(p: Plan, folder: Path, out_dtype: Any) -> None:
+def _write_config(p: Plan, folder: Path) -> None:
     config = json.loads((p.base / "config.json").read_text())
     for key, tensor in p.adapter.replaced.items():
         if key.endswith("embed_tokens.weight") and "vocab_size" in config:
             config["vocab_size"] = tensor.shape[0]  # added tokens grew the embeddings
-    if out_dtype is not None:
-        name = str(out_dtype).replace("torch.", "")
-        config["dtype"] = name
+    if p.dtype is not None:
+        config["dtype"] = DTYPES[p.dtype]
         config.pop("torch_dtype", None)
     config.pop("quantization_config", None)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -443,35 +591,33 @@ def _size(n: float) -> str:
 
 
 def describe(p: Plan) -> str:
-    """What --dry-run prints: inputs, what changes, and the files that would be written."""
-    lines = [f"base     {p.base} ({len(p.shards)} shard(s))"]
+    """What --dry-run prints: inputs, what changes, and every file with its size and dtypes."""
     cfg = p.adapter.config
     kind = "DoRA" if cfg.get("use_dora") else "LoRA"
     if cfg.get("use_rslora"):
         kind = "rs" + kind
-    lines.append(
+    sources = sorted({str(i.source[0].name) for i in p.items if i.source})
+    lines = [
+        f"base     {p.base} ({len(sources)} file(s))",
         f"adapter  {p.adapter.path}: {kind} r={cfg.get('r')} alpha={cfg.get('lora_alpha')}, "
         f"{len(p.adapter.deltas)} weight(s) changed, {len(p.adapter.replaced)} replaced "
-        f"(modules_to_save), {_size(p.adapter.nbytes)}"
-    )
-    dtypes: dict[str, int] = {}
-    total = 0
-    for _shard, key, f in _tensors(p):
-        sl = f.get_slice(key)
-        dtypes[sl.get_dtype()] = dtypes.get(sl.get_dtype(), 0) + 1
-        n = 1
-        for d in sl.get_shape():
-            n *= d
-        total += n
+        f"(modules_to_save), {_size(p.adapter.nbytes)}",
+        f"out      {p.out}" + (f" (written as {DTYPES[p.dtype]})" if p.dtype else ""),
+    ]
+    for name, shard in zip(p.file_names(), p.shards, strict=True):
+        dtypes: dict[str, int] = {}
+        for i in shard:
+            dtypes[i.dtype] = dtypes.get(i.dtype, 0) + 1
+        shown = ", ".join(f"{n} {d}" for d, n in dtypes.items())
+        lines.append(
+            f"  {name}  {_size(sum(i.nbytes for i in shard))}  {len(shard)} tensors ({shown})"
+        )
+    extra = ["model.safetensors.index.json"] if len(p.shards) > 1 else []
     lines.append(
-        f"tensors  {sum(dtypes.values())} ({', '.join(f'{v} {k}' for k, v in dtypes.items())}), "
-        f"{total / 1e6:.2f}M parameters; written as "
-        f"{DTYPES[p.dtype] if p.dtype else 'they are (' + ', '.join(dtypes) + ')'}"
+        "  " + ", ".join([*extra, "config.json", "tokenizer", "chat template", "generation config"])
     )
-    lines.append(
-        f"out      {p.out}: safetensors shards of at most {_size(p.max_shard_bytes)}, config.json,"
-    )
-    lines.append("         tokenizer, chat template, generation config")
+    params = sum(math.prod(i.shape) for i in p.items)
+    lines.append(f"  {params / 1e6:.2f}M parameters")
     return "\n".join(lines)
 
 
