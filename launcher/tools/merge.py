@@ -31,6 +31,15 @@ from pathlib import Path
 from typing import Any
 
 from launcher.errors import Problem, UserError
+from launcher.tools.stream import (
+    ST_DTYPES,
+    Entry,
+    read_header,
+    read_tensor,
+    size_text,
+    st_dtype,
+    write_shard,
+)
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 PREFIX = "base_model.model."
@@ -84,121 +93,6 @@ class Adapter:
         ]
         tensors += list(self.replaced.values())
         return sum(t.numel() * t.element_size() for t in tensors)
-
-
-# -- safetensors, one tensor at a time ------------------------------------------------------
-# Reading through safetensors' mmap keeps every page it touched resident until the file is
-# closed (a whole shard), and its writer needs every tensor of a shard in memory. These
-# read and write the same format with plain file I/O, so only the tensor at hand is held.
-ST_DTYPES = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U8": "uint8",
-    "BOOL": "bool",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
-}
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One tensor of a safetensors file: where its bytes are and what they hold."""
-
-    key: str
-    dtype: str  # safetensors name, e.g. BF16
-    shape: tuple[int, ...]
-    start: int  # absolute byte offsets in the file
-    end: int
-
-
-def read_header(path: Path) -> list[Entry]:
-    """The tensors of a safetensors file, in file order; UserError if it is damaged."""
-    import struct
-
-    def damaged(why: str) -> UserError:
-        return UserError(
-            Problem(
-                f"cannot read {path}: {why}",
-                hint="the file is damaged or incomplete (an interrupted copy or download?): "
-                "copy it again",
-            )
-        )
-
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise damaged("shorter than a safetensors header")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8 or n > 100 * 2**20:
-            raise damaged("the header length points past the end of the file")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError:
-            raise damaged("the header is not valid JSON") from None
-    entries = []
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        begin, end = info["data_offsets"]
-        entries.append(Entry(key, info["dtype"], tuple(info["shape"]), 8 + n + begin, 8 + n + end))
-    entries.sort(key=lambda e: e.start)
-    if entries and entries[-1].end > size:
-        raise damaged(f"it ends before its last tensor ({entries[-1].key}) does")
-    return entries
-
-
-def read_tensor(path: Path, entry: Entry) -> Any:
-    import torch
-
-    with path.open("rb") as f:
-        f.seek(entry.start)
-        data = bytearray(f.read(entry.end - entry.start))
-    dtype = getattr(torch, ST_DTYPES[entry.dtype])
-    if not data:
-        return torch.empty(entry.shape, dtype=dtype)
-    return torch.frombuffer(data, dtype=dtype).reshape(entry.shape)
-
-
-def st_dtype(torch_dtype: Any) -> str:
-    name = str(torch_dtype).replace("torch.", "")
-    return next(k for k, v in ST_DTYPES.items() if v == name)
-
-
-def write_shard(path: Path, planned: list[tuple[str, str, tuple[int, ...]]], tensors: Any) -> int:
-    """Write a safetensors file whose tensors come one by one from `tensors` (in the order
-    of `planned`: key, dtype, shape); the header is known before any data. Returns bytes."""
-    import struct
-
-    import torch
-
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for key, dtype, shape in planned:
-        n = (
-            math.prod(shape)
-            * torch.empty((), dtype=getattr(torch, ST_DTYPES[dtype])).element_size()
-        )
-        header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # data starts 8-byte aligned
-    with path.open("wb") as f:
-        f.write(struct.pack("<Q", len(text)))
-        f.write(text)
-        for (key, dtype, shape), tensor in zip(planned, tensors, strict=True):
-            if st_dtype(tensor.dtype) != dtype or tuple(tensor.shape) != tuple(shape):
-                raise RuntimeError(
-                    f"{key}: planned {dtype}{shape}, got {tensor.dtype}{tuple(tensor.shape)}"
-                )
-            f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
-    return offset
 
 
 # -- reading ---------------------------------------------------------------------------
@@ -582,14 +476,6 @@ def _copy_side_files(p: Plan, folder: Path) -> None:
                 break
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
 def describe(p: Plan) -> str:
     """What --dry-run prints: inputs, what changes, and every file with its size and dtypes."""
     cfg = p.adapter.config
@@ -601,7 +487,7 @@ def describe(p: Plan) -> str:
         f"base     {p.base} ({len(sources)} file(s))",
         f"adapter  {p.adapter.path}: {kind} r={cfg.get('r')} alpha={cfg.get('lora_alpha')}, "
         f"{len(p.adapter.deltas)} weight(s) changed, {len(p.adapter.replaced)} replaced "
-        f"(modules_to_save), {_size(p.adapter.nbytes)}",
+        f"(modules_to_save), {size_text(p.adapter.nbytes)}",
         f"out      {p.out}" + (f" (written as {DTYPES[p.dtype]})" if p.dtype else ""),
     ]
     for name, shard in zip(p.file_names(), p.shards, strict=True):
@@ -610,7 +496,7 @@ def describe(p: Plan) -> str:
             dtypes[i.dtype] = dtypes.get(i.dtype, 0) + 1
         shown = ", ".join(f"{n} {d}" for d, n in dtypes.items())
         lines.append(
-            f"  {name}  {_size(sum(i.nbytes for i in shard))}  {len(shard)} tensors ({shown})"
+            f"  {name}  {size_text(sum(i.nbytes for i in shard))}  {len(shard)} tensors ({shown})"
         )
     extra = ["model.safetensors.index.json"] if len(p.shards) > 1 else []
     lines.append(
