@@ -187,6 +187,42 @@ def test_sharded_strategies_match_ddp(strategy, dist_recipe, ddp, tmp_path, requ
     a, b = losses(ddp), losses(out)
     assert max(abs(x - y) for x, y in zip(a, b, strict=True)) <= TOL
     assert_same_weights(weights(ddp / "model"), weights(out / "model"))
+    check_conversion(out, "fsdp" if strategy == "fsdp" else "zero", tmp_path)
+
+
+def reference_state(ckpt: Path, kind: str) -> dict:
+    """What the strategy's own tools say the checkpoint holds."""
+    import contextlib
+
+    import torch
+
+    if kind == "zero":
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(sys.stderr):
+            return get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
+    return torch.load(ckpt / "pytorch_model_fsdp.bin", weights_only=True)
+
+
+def check_conversion(run: Path, kind: str, tmp_path: Path) -> None:
+    """ftl convert: a mid-run checkpoint is bit-identical to the strategy's own
+    consolidation (DeepSpeed's zero_to_fp32, the FSDP full state dict); the run folder
+    (its newest checkpoint, the last step) equals the model the run saved."""
+    import torch
+
+    mid = run / "checkpoints" / "step-00000003"
+    assert main(["convert", kind, str(mid), "--out", str(tmp_path / "mid")]) == 0
+    got, want = weights(tmp_path / "mid"), reference_state(mid, kind)
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    report = json.loads((tmp_path / "mid" / "conversion.json").read_text())
+    assert report["parameters"] == sum(v.numel() for v in want.values())
+    assert main(["convert", kind, str(run), "--out", str(tmp_path / "last")]) == 0
+    final, last = weights(run / "model"), weights(tmp_path / "last")
+    assert all(torch.equal(final[k], last[k]) for k in final)
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "last")  # a complete HF folder
 
 
 def test_zero3_matches_ddp_and_saves_a_complete_model(ddp, zero3):
@@ -315,6 +351,20 @@ def test_lora_under_zero3_is_complete_and_equals_ddp(dist_recipe, tmp_path, deep
     assert cfg["r"] == 4
     # and they really trained: B matrices start at zero
     assert any(v.abs().max() > 0 for k, v in b.items() if "lora_B" in k)
+    # ftl convert --adapter-only: the last checkpoint is the adapter the run saved, and it
+    # loads with PEFT; a full conversion of an adapter run is refused with the way out
+    out = tmp_path / "adapter"
+    assert main(["convert", "zero", str(runs["zero3"]), "--out", str(out), "--adapter-only"]) == 0
+    import torch
+
+    got = weights(out)
+    assert got.keys() == b.keys() and all(torch.equal(got[k], b[k]) for k in b)
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out)
+    assert main(["convert", "zero", str(runs["zero3"]), "--out", str(tmp_path / "full")]) == 2
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "zero3"])

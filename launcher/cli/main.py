@@ -29,6 +29,10 @@ VERBS: dict[str, tuple[str, str]] = {
         "launcher.tools.merge",
         "fold a LoRA/DoRA adapter into its base, shard by shard (bounded memory)",
     ),
+    "convert": (
+        "launcher.tools.convert",
+        "ZeRO or FSDP training checkpoint -> Hugging Face safetensors (or a PEFT adapter)",
+    ),
     "estimate": (
         "launcher.cli.estimate",
         "per-device memory of a recipe for every strategy, and the cheapest that fits",
