@@ -53,3 +53,13 @@ def test_every_strategy_config_ships_in_the_wheel():
     for s in STRATEGIES.values():
         if s.ds_config:
             json.loads(data_path("ds_configs", s.ds_config).read_text())
+
+
+def test_the_batch_script_template_ships_in_the_wheel():
+    from launcher.assets import data_path
+    from launcher.dist.slurm import TEMPLATE
+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    shipped = meta["tool"]["hatch"]["build"]["targets"]["wheel"]["force-include"]
+    assert shipped["slurm"] == "launcher/_data/slurm"
+    assert "@@DIRECTIVES@@" in data_path("slurm", TEMPLATE).read_text()
