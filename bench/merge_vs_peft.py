@@ -3,8 +3,9 @@
 
 A ~1.1B-parameter Llama (TinyLlama-1.1B shapes, random weights, bf16, saved in >= 4
 safetensors shards) and a rank-16 LoRA on every linear layer of the decoder. Each side
-runs in its own fresh process; peak RSS is that process's ru_maxrss (Python and torch
-included), wall time is the whole process. The outputs are compared tensor by tensor.
+runs in its own fresh process; peak RSS is that process's VmHWM (Python and torch
+included; not ru_maxrss, which Linux carries over from the parent across fork and exec),
+wall time is the whole process. The outputs are compared tensor by tensor.
 
     python bench/merge_vs_peft.py            # ~5 minutes on 2 cores, ~7 GB of disk
     python bench/merge_vs_peft.py --keep     # keep .cache/bench/merge (base, adapter)
@@ -82,22 +83,22 @@ def make_adapter(base: Path, out: Path) -> None:
 
 
 PEFT_SIDE = """
-import resource, sys, torch
+import re, sys, torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 base, adapter, out = sys.argv[1:4]
 model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
 model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
 model.save_pretrained(out, max_shard_size="600MB")
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
 """
 
 FTL_SIDE = """
-import resource, sys
+import re, sys
 from launcher.tools.merge import main
 base, adapter, out = sys.argv[1:4]
 assert main(["--base", base, "--adapter", adapter, "--out", out]) == 0
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
 """
 
 

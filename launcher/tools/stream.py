@@ -84,7 +84,9 @@ def read_tensor(path: Path, entry: Entry) -> Any:
 
     with path.open("rb") as f:
         f.seek(entry.start)
-        data = bytearray(f.read(entry.end - entry.start))
+        data = bytearray(entry.end - entry.start)  # read straight into it: one copy
+        if f.readinto(data) != len(data):
+            raise UserError(Problem(f"cannot read {path}: it ends inside {entry.key}"))
     dtype = getattr(torch, ST_DTYPES[entry.dtype])
     if not data:
         return torch.empty(entry.shape, dtype=dtype)
