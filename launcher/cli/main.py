@@ -33,6 +33,10 @@ VERBS: dict[str, tuple[str, str]] = {
         "launcher.tools.convert",
         "ZeRO or FSDP training checkpoint -> Hugging Face safetensors (or a PEFT adapter)",
     ),
+    "export": (
+        "launcher.tools.export",
+        "a serving bundle: hf (merged, safetensors, tokenizer, generation config), vllm-lora",
+    ),
     "estimate": (
         "launcher.cli.estimate",
         "per-device memory of a recipe for every strategy, and the cheapest that fits",

@@ -288,16 +288,17 @@ FLOATS = {"F64", "F32", "F16", "BF16"}
 
 def plan(
     base: Path,
-    adapter_dir: Path,
+    adapter_dir: Path | None,
     out: Path,
     dtype: str | None,
     max_shard_mb: int | None,
     overwrite: bool,
 ) -> Plan:
-    """Every check, from headers only: nothing is read in full and nothing is written."""
+    """Every check, from headers only: nothing is read in full and nothing is written.
+    Without an adapter the plan re-streams the base (a copy, resharded or cast)."""
     import torch
 
-    adapter = read_adapter(adapter_dir)
+    adapter = read_adapter(adapter_dir) if adapter_dir else Adapter(base, {"lora_alpha": 0})
     if not base.is_dir():
         raise UserError(
             Problem(
@@ -314,7 +315,7 @@ def plan(
                 f"{out} already exists", key="--out", hint="add --overwrite, or pick another folder"
             )
         )
-    if out.resolve() in (base.resolve(), adapter_dir.resolve()):
+    if out.resolve() in (base.resolve(), (adapter_dir or base).resolve()):
         raise UserError(Problem("--out must differ from --base and --adapter", key="--out"))
     files = base_shards(base)
     out_st = st_dtype(getattr(torch, DTYPES[dtype])) if dtype else None
