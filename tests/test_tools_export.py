@@ -100,3 +100,68 @@ def test_export_bad_input(lora_run, tmp_path, capsys):
     rc = main(["export", str(full), "--format", "vllm-lora", "--out", str(tmp_path / "y")])
     err = capsys.readouterr().err
     assert rc == 2 and "full model, not an adapter" in err
+
+
+@pytest.mark.parametrize("quant,tol", [("f16", 2e-3), ("q8_0", 2e-2)])
+def test_gguf_loads_with_transformers_and_matches_the_source(quant, tol, tiny_llama, tmp_path):
+    """transformers' own GGUF loader reads the file back (undoing the Q/K permutation);
+    logits stay within the weight type's tolerance and the tokenizer encodes the same."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "gguf"
+    args = ["export", str(tiny_llama), "--format", "gguf", "--quant", quant, "--out", str(out)]
+    assert main(args) == 0
+    name = f"model-{quant}.gguf"
+    got = AutoModelForCausalLM.from_pretrained(out, gguf_file=name)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (got(ids).logits - ref(ids).logits).abs().max()
+    assert diff <= tol
+    text = "Hello world, the quick brown fox <|im_end|>"
+    t_gguf = AutoTokenizer.from_pretrained(out, gguf_file=name)
+    assert t_gguf(text)["input_ids"] == AutoTokenizer.from_pretrained(tiny_llama)(text)["input_ids"]
+
+
+def test_gguf_of_an_adapter_run_is_the_merged_model(lora_run, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "gguf"
+    assert main(["export", str(lora_run), "--format", "gguf", "--out", str(out)]) == 0
+    got = AutoModelForCausalLM.from_pretrained(out, gguf_file="model-f16.gguf")
+    base = json.loads((lora_run / "model" / "adapter_config.json").read_text())
+    ref = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base["base_model_name_or_path"]), lora_run / "model"
+    )
+    ids = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (got(ids).logits - ref(ids).logits).abs().max() <= 2e-3
+    assert not list(tmp_path.glob(".gguf.tmp-*"))
+
+
+def test_gguf_refuses_an_unsupported_architecture(tiny_bert, tmp_path, capsys):
+    rc = main(["export", str(tiny_bert), "--format", "gguf", "--out", str(tmp_path / "g")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert "llama family" in err and "bert" in err and "convert_hf_to_gguf" in err
+    assert not (tmp_path / "g").exists() and not list(tmp_path.glob(".g.tmp-*"))
+
+
+@pytest.mark.slow
+def test_gguf_runs_in_llama_cpp(tiny_llama, tmp_path):
+    """Opt-in (-m slow), when llama-cpp-python is installed: llama.cpp itself loads the
+    file and its logits follow transformers'."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    out = tmp_path / "gguf"
+    assert main(["export", str(tiny_llama), "--format", "gguf", "--out", str(out)]) == 0
+    llm = llama_cpp.Llama(model_path=str(out / "model-f16.gguf"), logits_all=True, verbose=False)
+    tokens = [5, 6, 7, 8]
+    llm.eval(tokens)
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    with torch.no_grad():
+        want = ref(torch.tensor([tokens])).logits[0, -1]
+    got = torch.tensor(llm.scores[len(tokens) - 1])
+    assert (got - want).abs().max() <= 5e-3

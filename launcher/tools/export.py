@@ -6,6 +6,8 @@
   (so generation stops where training taught it to).
 - `vllm-lora`: the adapter as vLLM's `--lora-modules` loads it; what vLLM cannot serve
   (DoRA, modules_to_save, LoRA biases, ...) is refused with the reason and a way out.
+- `gguf`: one `model-<quant>.gguf` (f16 or q8_0) for llama.cpp and friends, llama-family
+  models with byte-level BPE tokenizers; an adapter is merged first.
 
 `MODEL_OR_RUN` is a run folder (its `model/`), a model folder or an adapter folder.
 Written into a temporary folder and renamed into place; `--dry-run` prints the files.
@@ -25,7 +27,7 @@ from typing import Any
 from launcher.errors import Problem, UserError
 from launcher.tools import merge as merge_tool
 
-FORMATS = ("hf", "vllm-lora")
+FORMATS = ("hf", "vllm-lora", "gguf")
 # what vLLM's LoRA loader refuses or silently ignores, with the way out
 VLLM_REFUSES = {
     "use_dora": "vLLM serves plain LoRA only, not DoRA: merge it (ftl export --format hf)",
@@ -156,6 +158,41 @@ def export_vllm_lora(src: Path, out: Path, *, overwrite: bool, dry_run: bool) ->
     return f"vllm-lora -> {out}\n  serve with: {serve}"
 
 
+def export_gguf(src: Path, out: Path, *, quant: str, overwrite: bool, dry_run: bool) -> str:
+    from launcher.tools.to_gguf import check_model, tokenizer_fields, write_gguf
+
+    adapter = (src / "adapter_config.json").is_file()
+    if out.exists() and not overwrite and not dry_run:
+        raise UserError(Problem(f"{out} already exists", key="--out", hint="add --overwrite"))
+    parent = out.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    try:
+        model = src
+        if adapter:  # merge first (streaming), into the temporary folder
+            model = tmp / "merged"
+            export_hf(src, model, dtype=None, overwrite=False, dry_run=False)
+        check_model(model)
+        tokenizer_fields(model)  # refuses what the GGUF tokenizer fields cannot hold
+        name = f"model-{quant}.gguf"
+        if dry_run:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return f"gguf ({quant}) -> {out / name}" + (
+                " (the adapter merged first)" if adapter else ""
+            )
+        (tmp / "bundle").mkdir()
+        report = write_gguf(model, tmp / "bundle" / name, quant)
+        for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            if (model / f).is_file():
+                shutil.copy2(model / f, tmp / "bundle" / f)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp / "bundle", out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return f"gguf -> {out / name} ({report['tensors']} tensors, {report['bytes'] / 2**20:.1f} MiB)"
+
+
 def _pow2(n: int) -> int:
     p = 1
     while p < n:
@@ -169,6 +206,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", required=True, choices=FORMATS, help="what to write")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--dtype", choices=sorted(merge_tool.DTYPES), help="hf: output dtype")
+    p.add_argument("--quant", choices=["f16", "q8_0"], default="f16", help="gguf: weight type")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--dry-run", action="store_true", help="print what would be written")
 
@@ -179,9 +217,13 @@ def run(args: argparse.Namespace) -> int:
         text = export_hf(
             src, args.out, dtype=args.dtype, overwrite=args.overwrite, dry_run=args.dry_run
         )
+    elif args.dtype:
+        raise UserError(Problem("--dtype applies to --format hf", key="--dtype"))
+    elif args.format == "gguf":
+        text = export_gguf(
+            src, args.out, quant=args.quant, overwrite=args.overwrite, dry_run=args.dry_run
+        )
     else:
-        if args.dtype:
-            raise UserError(Problem("--dtype applies to --format hf", key="--dtype"))
         text = export_vllm_lora(src, args.out, overwrite=args.overwrite, dry_run=args.dry_run)
     print(text if args.dry_run else f"ftl export: {text}")
     return 0
