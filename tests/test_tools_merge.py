@@ -242,3 +242,44 @@ def test_full_disk_removes_the_partial_output(sharded_base, tmp_path):
     assert done.returncode == 2, done.stderr
     assert "disk under" in done.stderr and "full" in done.stderr and "Traceback" not in done.stderr
     assert done.stdout.strip() == ""  # ls: the tmpfs is empty again
+
+
+def test_qlora_adapter_merges_into_the_dequantized_base(tmp_path, tiny_llama, chat_data):
+    """An nf4 QLoRA adapter learned against dequantized 4-bit weights: the merged model
+    equals the 4-bit model + adapter (PEFT + bitsandbytes, fp32 compute), which merging
+    into the original weights does not."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    recipe = tmp_path / "q.yaml"
+    recipe.write_text(
+        f"""\
+model: {{name_or_path: {tiny_llama}}}
+data: {{format: chat, train: {chat_data["train"]}, max_length: 64}}
+adapter: {{type: lora, r: 4, alpha: 8, dropout: 0.0}}
+quant: {{bits: 4, type: nf4, compute_dtype: float32}}
+train: {{max_steps: 4, micro_batch_size: 8, lr: 1.0e-2, log_every: 1}}
+output: {{dir: {tmp_path / "run"}}}
+"""
+    )
+    assert main(["train", str(recipe)]) == 0
+    adapter = tmp_path / "run" / "model"
+    for mode in ("auto", "original"):
+        out = tmp_path / mode
+        assert (
+            main(["merge", "--adapter", str(adapter), "--out", str(out), "--qlora-base", mode]) == 0
+        )
+    q = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    base = AutoModelForCausalLM.from_pretrained(
+        tiny_llama, quantization_config=q, device_map={"": "cpu"}
+    )
+    ref = PeftModel.from_pretrained(base, adapter).eval()
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(2))
+    want = logits(ref, ids)
+    assert (logits(merged_model(tmp_path / "auto"), ids) - want).abs().max() <= TOL
+    assert (logits(merged_model(tmp_path / "original"), ids) - want).abs().max() > 1e-3

@@ -85,7 +85,8 @@ def export_hf(src: Path, out: Path, *, dtype: str | None, overwrite: bool, dry_r
         base = resolve_path(name, base=Path.cwd()) if name else None
         if base is None:
             raise UserError(Problem("the adapter does not name its base", key="MODEL_OR_RUN"))
-        plan = merge_tool.plan(base, src, out, dtype, None, overwrite)
+        qlora = merge_tool.qlora_settings(src)  # a QLoRA adapter: its 4-bit base
+        plan = merge_tool.plan(base, src, out, dtype, None, overwrite, qlora)
     else:
         plan = merge_tool.plan(src, None, out, dtype, None, overwrite)
     if dry_run:

@@ -255,6 +255,7 @@ class Item:
     source: tuple[Path, Entry] | None  # the base's tensor (None: the adapter's only)
     dtype: str  # safetensors dtype written
     shape: tuple[int, ...]
+    dequantize: bool = False  # round-trip through the 4-bit format QLoRA trained against
 
     @property
     def nbytes(self) -> int:
@@ -271,6 +272,7 @@ class Plan:
     out: Path
     dtype: str | None
     shards: list[list[Item]]  # the output files, in order
+    qlora: dict[str, Any] | None = None  # {"type", "double_quant", "dtype"}: 4-bit base
 
     @property
     def items(self) -> list[Item]:
@@ -293,6 +295,7 @@ def plan(
     dtype: str | None,
     max_shard_mb: int | None,
     overwrite: bool,
+    qlora: dict[str, Any] | None = None,
 ) -> Plan:
     """Every check, from headers only: nothing is read in full and nothing is written.
     Without an adapter the plan re-streams the base (a copy, resharded or cast)."""
@@ -328,7 +331,8 @@ def plan(
             if d is not None:
                 _check_delta(e.key, shape, d, cfg)
             written = out_st if out_st and e.dtype in FLOATS else e.dtype
-            items.append(Item(e.key, (path, e), written, shape))
+            dq = bool(qlora) and quantized_by_bnb(e.key, e.shape) and e.key not in adapter.replaced
+            items.append(Item(e.key, (path, e), written, shape, dq))
     seen = {i.key for i in items}
     missing = sorted(k for k in adapter.deltas if k not in seen)
     if missing:
@@ -354,7 +358,56 @@ def plan(
             held = 0
         shards[-1].append(item)
         held += item.nbytes
-    return Plan(base, adapter, out, dtype, shards)
+    return Plan(base, adapter, out, dtype, shards, qlora)
+
+
+# bitsandbytes (through transformers) quantizes every nn.Linear but the output head; the
+# embeddings are not Linear layers
+NOT_QUANTIZED = (
+    "embed_tokens.weight",
+    "lm_head.weight",
+    "wte.weight",
+    "embed_in.weight",
+    "embed_out.weight",
+    "word_embeddings.weight",
+    "score.weight",
+    "classifier.weight",
+)
+
+
+def quantized_by_bnb(key: str, shape: tuple[int, ...]) -> bool:
+    return len(shape) == 2 and key.endswith(".weight") and not key.endswith(NOT_QUANTIZED)
+
+
+def qlora_settings(adapter_dir: Path) -> dict[str, Any] | None:
+    """The 4-bit settings an ftl run trained its adapter against (RUN/model's recipe)."""
+    import yaml
+
+    recipe = adapter_dir.parent / "recipe.yaml"
+    if not recipe.is_file():
+        return None
+    data = yaml.safe_load(recipe.read_text()) or {}
+    quant = data.get("quant") or {}
+    if quant.get("bits") != 4:
+        return None
+    return {
+        "type": quant.get("type", "nf4"),
+        "double_quant": bool(quant.get("double_quant", True)),
+        "dtype": (data.get("model") or {}).get("dtype", "float32"),
+    }
+
+
+def dequantized(weight: Any, q: dict[str, Any]) -> Any:
+    """`weight` as the 4-bit model saw it: quantized like transformers' loader does
+    (blocksize 64, the run's type and double quantization), then dequantized."""
+    import bitsandbytes.functional as bnb_f
+    import torch
+
+    w = weight.to(getattr(torch, q["dtype"]))
+    packed, state = bnb_f.quantize_4bit(
+        w, blocksize=64, compress_statistics=q["double_quant"], quant_type=q["type"]
+    )
+    return bnb_f.dequantize_4bit(packed, state)
 
 
 def _check_delta(key: str, shape: tuple[int, ...], d: Delta, cfg: dict[str, Any]) -> None:
@@ -394,6 +447,8 @@ def _produce(p: Plan, shard: list[Item], report: dict[str, int], bar: Any) -> It
         else:
             path, entry = item.source  # type: ignore[misc]
             tensor = read_tensor(path, entry)
+        if item.dequantize:
+            tensor = dequantized(tensor, p.qlora)  # type: ignore[arg-type]
         if item.key in p.adapter.deltas:
             tensor = merged(tensor, p.adapter.deltas[item.key], cfg, item.key, dtype)
             report["merged"] += 1
@@ -491,6 +546,13 @@ def describe(p: Plan) -> str:
         f"(modules_to_save), {size_text(p.adapter.nbytes)}",
         f"out      {p.out}" + (f" (written as {DTYPES[p.dtype]})" if p.dtype else ""),
     ]
+    if p.qlora:
+        n = sum(i.dequantize for i in p.items)
+        lines.insert(
+            2,
+            f"qlora    {n} linear weight(s) taken as the {p.qlora['type']} 4-bit model saw them "
+            f"(double quant {p.qlora['double_quant']}), then merged",
+        )
     for name, shard in zip(p.file_names(), p.shards, strict=True):
         dtypes: dict[str, int] = {}
         for i in shard:
@@ -523,6 +585,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument(
+        "--qlora-base",
+        choices=["auto", "dequantized", "original"],
+        default="auto",
+        help="a QLoRA adapter learned against 4-bit weights: merge into those (dequantized; "
+        "auto: when the run's recipe says quant.bits 4) or into the original weights",
+    )
+    p.add_argument(
         "--dry-run", action="store_true", help="print what would be written; write nothing"
     )
 
@@ -547,11 +616,25 @@ def run(args: argparse.Namespace) -> int:
         base = resolve_path(name, base=Path.cwd())
     if args.max_shard_mb is not None and args.max_shard_mb < 1:
         raise UserError(Problem("must be at least 1", key="--max-shard-mb"))
-    p = plan(Path(base), adapter_dir, args.out, args.dtype, args.max_shard_mb, args.overwrite)
+    qlora = qlora_settings(adapter_dir) if args.qlora_base != "original" else None
+    if args.qlora_base == "dequantized" and qlora is None:
+        raise UserError(
+            Problem(
+                "--qlora-base dequantized needs the run's recipe.yaml (quant.bits: 4) next to "
+                "the adapter folder",
+                key="--qlora-base",
+                hint="merge the adapter where ftl saved it (RUN/model)",
+            )
+        )
+    p = plan(
+        Path(base), adapter_dir, args.out, args.dtype, args.max_shard_mb, args.overwrite, qlora
+    )
     if args.dry_run:
         print(describe(p))
         return 0
     report = merge(p)
+    if p.qlora:
+        print(f"ftl merge: QLoRA adapter: merged into the dequantized {p.qlora['type']} base")
     print(
         f"ftl merge: {report['merged']} weight(s) merged, {report['replaced']} replaced, "
         f"{report['copied']} copied -> {p.out} ({report['shards']} shard(s), "
