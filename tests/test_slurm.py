@@ -27,7 +27,7 @@ from launcher.recipe.schema import SlurmCfg
 from launcher.train.distributed import compare_ranks
 
 ROOT = Path(__file__).resolve().parent.parent
-STEPS = 16
+STEPS = 12
 TOL = 1e-5
 HOSTILE = "a b 'c' \"d\" $(touch PWNED1) `touch PWNED2`; touch PWNED3 & |x"
 
@@ -235,7 +235,7 @@ def test_two_nodes_usr1_checkpoints_requeues_and_resumes_exactly(
     job = submit(base, run, "--nodes", "2", "-o", "distributed.timeout_minutes=7", cwd=tmp_path)
     deadline = time.time() + 240
     while time.time() < deadline:
-        if (run / "metrics.jsonl").exists() and len(records(run, "train")) >= 3:
+        if (run / "metrics.jsonl").exists() and len(records(run, "train")) >= 2:
             break
         time.sleep(0.1)
     else:
@@ -249,7 +249,7 @@ def test_two_nodes_usr1_checkpoints_requeues_and_resumes_exactly(
     assert [s["restart"] for s in starts] == [0, 1], starts
     assert {s["slurm_job_id"] for s in starts} == {job}
     stopped_at = records(run, "stop")[0]["step"]
-    assert 3 <= stopped_at < STEPS
+    assert 2 <= stopped_at < STEPS
     assert starts[1]["resumed_from"].endswith(f"step-{stopped_at:08d}")
     record = json.loads((run / "distributed.json").read_text())
     assert record["world_size"] == 2
@@ -288,7 +288,7 @@ def test_zero3_on_two_nodes_survives_kill_9_during_a_checkpoint(
     while time.time() < deadline and killed_during is None:
         for tmp in ckpts.glob(".tmp-step-*") if ckpts.is_dir() else []:
             step = int(tmp.name.split("-")[-1])
-            if step >= 8:  # a complete checkpoint (step 4) exists before it
+            if step >= 8:  # a complete checkpoint (step 4) exists before it (12 steps)
                 os.kill(rank_pid(0), signal.SIGKILL)
                 killed_during = step
                 break

@@ -119,9 +119,47 @@ def open_zero(ckpt: Path) -> Source:
 
     def read(key: str) -> Any:
         t = lazy[key]
-        return t.contiguous() if not isinstance(t, torch.Tensor) else t
+        if isinstance(t, torch.Tensor):  # ZeRO-1/2: DeepSpeed rebuilt it already
+            return t
+        param = t.contiguous()  # ZeRO-3: gathered from every rank's partition, a new tensor
+        for rank_groups in t.flat_groups:  # the mapped pages it read may go now
+            for flat in rank_groups:
+                release_mapped_pages(flat)
+        return param
 
     return Source(ckpt, "zero", shapes, dtypes, read)
+
+
+def _file_backed_ranges() -> list[tuple[int, int]]:
+    ranges = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 6 and fields[4] != "0" and fields[5].startswith("/"):
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                ranges.append((lo, hi))
+    return ranges
+
+
+def release_mapped_pages(tensor: Any) -> bool:
+    """Drop the resident pages of a tensor that memory-maps a file (torch.load(mmap=True)):
+    they were read once and are re-read from the page cache if needed again. Without it
+    every page of the fp32 partitions ends up counted in the converter's memory. Never
+    touches anonymous memory, where MADV_DONTNEED would zero the data; True if released."""
+    import ctypes
+    import mmap
+
+    start = tensor.data_ptr()
+    size = tensor.numel() * tensor.element_size()
+    if not size or not sys.platform.startswith("linux"):
+        return False
+    if not any(lo <= start and start + size <= hi for lo, hi in _file_backed_ranges()):
+        return False
+    page = mmap.PAGESIZE
+    aligned = start - start % page
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc.madvise(aligned, size + (start - aligned), 4) == 0  # MADV_DONTNEED
 
 
 def open_fsdp(ckpt: Path) -> Source:
