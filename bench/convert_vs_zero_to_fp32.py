@@ -62,7 +62,7 @@ def make_checkpoint() -> Path:
     recipe.write_text(
         f"""\
 model: {{name_or_path: {base}}}
-data: {{format: chat, train: {data}, max_length: 32}}
+data: {{format: chat, train: {data}, max_length: 64}}
 train: {{max_steps: 1, micro_batch_size: 2, lr: 1.0e-4, save_every: 1, log_every: 1}}
 distributed: {{strategy: zero3}}
 output: {{dir: {run}, save_model: false}}

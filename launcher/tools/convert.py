@@ -117,14 +117,25 @@ def open_zero(ckpt: Path) -> Source:
     shapes = {k: tuple(v.shape) for k, v in lazy.items()}
     dtypes = {k: getattr(v, "dtype", torch.float32) for k, v in lazy.items()}
 
+    # ZeRO-3: the fp32 partitions every parameter is gathered from, memory-mapped from the
+    # optimizer files; those whose mapping is file-backed can drop pages once read
+    flats = {
+        f.data_ptr(): f
+        for t in lazy.values()
+        if not isinstance(t, torch.Tensor)
+        for rank_groups in t.flat_groups
+        for f in rank_groups
+    }
+    ranges = _file_backed_ranges() if flats else []
+    releasable = [f for f in flats.values() if _inside(f, ranges)]
+
     def read(key: str) -> Any:
         t = lazy[key]
         if isinstance(t, torch.Tensor):  # ZeRO-1/2: DeepSpeed rebuilt it already
             return t
         param = t.contiguous()  # ZeRO-3: gathered from every rank's partition, a new tensor
-        for rank_groups in t.flat_groups:  # the mapped pages it read may go now
-            for flat in rank_groups:
-                release_mapped_pages(flat)
+        for flat in releasable:  # the mapped pages it read may go now
+            release_mapped_pages(flat)
         return param
 
     return Source(ckpt, "zero", shapes, dtypes, read)
@@ -141,25 +152,40 @@ def _file_backed_ranges() -> list[tuple[int, int]]:
     return ranges
 
 
+def _inside(tensor: Any, ranges: list[tuple[int, int]]) -> bool:
+    start, size = tensor.data_ptr(), tensor.numel() * tensor.element_size()
+    return bool(size) and any(lo <= start and start + size <= hi for lo, hi in ranges)
+
+
 def release_mapped_pages(tensor: Any) -> bool:
     """Drop the resident pages of a tensor that memory-maps a file (torch.load(mmap=True)):
     they were read once and are re-read from the page cache if needed again. Without it
-    every page of the fp32 partitions ends up counted in the converter's memory. Never
-    touches anonymous memory, where MADV_DONTNEED would zero the data; True if released."""
-    import ctypes
+    every page of the fp32 partitions ends up counted in the converter's memory. Callers
+    pass only file-backed tensors (`_inside(t, _file_backed_ranges())`): on anonymous
+    memory MADV_DONTNEED would zero the data. True if released."""
     import mmap
 
+    if not sys.platform.startswith("linux"):
+        return False
     start = tensor.data_ptr()
     size = tensor.numel() * tensor.element_size()
-    if not size or not sys.platform.startswith("linux"):
-        return False
-    if not any(lo <= start and start + size <= hi for lo, hi in _file_backed_ranges()):
-        return False
     page = mmap.PAGESIZE
     aligned = start - start % page
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc = _libc()
     return libc.madvise(aligned, size + (start - aligned), 4) == 0  # MADV_DONTNEED
+
+
+def _libc() -> Any:
+    import ctypes
+
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+        _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return _LIBC
+
+
+_LIBC: Any = None
 
 
 def open_fsdp(ckpt: Path) -> Source:
@@ -425,7 +451,8 @@ def convert(
             cfg = adapter_config(run, list(names.values()), source.shapes)
             (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         _copy_side_files(run, tmp, adapter_only, out_dtype, source)
-        report["sha256"] = checksums
+        report["checksum"] = checksum_name()
+        report["checksums"] = checksums
         (tmp / "conversion.json").write_text(json.dumps(report, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
@@ -453,12 +480,30 @@ def _produce(
         tensor = source.read(key).to(written_dtype(key)).contiguous()
         import torch
 
-        checksums[new] = hashlib.sha256(
-            tensor.reshape(-1).view(torch.uint8).numpy().data
-        ).hexdigest()[:16]
+        checksums[new] = checksum(tensor.reshape(-1).view(torch.uint8).numpy().data)
         bar.update(1)
         yield tensor
         del tensor
+
+
+def checksum_name() -> str:
+    try:
+        import xxhash  # noqa: F401
+
+        return "xxh3_64"
+    except ImportError:
+        return "sha256"
+
+
+def checksum(data: Any) -> str:
+    """A fast checksum of the tensor's bytes: xxh3_64 (hex) when xxhash is installed (it
+    comes with `datasets`), else the first 16 hex digits of SHA-256."""
+    try:
+        import xxhash
+
+        return xxhash.xxh3_64_hexdigest(data)
+    except ImportError:
+        return hashlib.sha256(data).hexdigest()[:16]
 
 
 def _copy_side_files(
