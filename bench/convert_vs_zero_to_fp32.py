@@ -14,12 +14,12 @@ Prints a table and writes .cache/bench/convert/result.json.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from _common import PRINT_VMHWM, max_abs_diff, side
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / ".cache" / "bench" / "convert"
@@ -30,14 +30,13 @@ SIZES = dict(
     num_attention_heads=16,
     num_key_value_heads=8,
 )
-HWM = 'print(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))'
 
 DS_SIDE = f"""
 import re, runpy, sys
 script, ckpt, out = sys.argv[1:4]
 sys.argv = [script, ckpt, out, "--safe_serialization"]
 runpy.run_path(script, run_name="__main__")
-{HWM}
+{PRINT_VMHWM}
 """
 
 FTL_SIDE = f"""
@@ -45,7 +44,7 @@ import re, sys
 from launcher.tools.convert import main
 ckpt, out = sys.argv[1:3]
 assert main(["zero", ckpt, "--out", out]) == 0
-{HWM}
+{PRINT_VMHWM}
 """
 
 
@@ -86,41 +85,6 @@ output: {{dir: {run}, save_model: false}}
     return ckpt
 
 
-def side(code: str, *args: str) -> tuple[float, float]:
-    start = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-c", code, *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "TQDM_DISABLE": "1"},
-    )
-    wall = time.perf_counter() - start
-    if done.returncode != 0:
-        raise SystemExit(done.stderr[-3000:])
-    return wall, int(done.stdout.strip().splitlines()[-1]) / 1024
-
-
-def compare(a: Path, b: Path) -> bool:
-    import torch
-    from safetensors import safe_open
-
-    def index(folder: Path) -> dict[str, Path]:
-        found = {}
-        for f in folder.glob("*.safetensors"):
-            with safe_open(str(f), "pt") as st:
-                found.update(dict.fromkeys(st.keys(), f))  # noqa: SIM118
-        return found
-
-    ia, ib = index(a), index(b)
-    if set(ia) != set(ib):
-        return False
-    for key, fa in ia.items():
-        with safe_open(str(fa), "pt") as sa, safe_open(str(ib[key]), "pt") as sb:
-            if not torch.equal(sa.get_tensor(key), sb.get_tensor(key)):
-                return False
-    return True
-
-
 def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     ckpt = make_checkpoint()
@@ -128,7 +92,7 @@ def main() -> None:
         shutil.rmtree(WORK / out, ignore_errors=True)
     ds_wall, ds_rss = side(DS_SIDE, str(ckpt / "zero_to_fp32.py"), str(ckpt), str(WORK / "out-ds"))
     ftl_wall, ftl_rss = side(FTL_SIDE, str(ckpt), str(WORK / "out-ftl"))
-    same = compare(WORK / "out-ftl", WORK / "out-ds")
+    same = max_abs_diff(WORK / "out-ftl", WORK / "out-ds") == 0.0
     result = {
         "model": "Llama ~300M (random weights), ZeRO-3 checkpoint of 2 CPU ranks",
         "ftl": {"wall_s": round(ftl_wall, 1), "peak_rss_mib": round(ftl_rss)},

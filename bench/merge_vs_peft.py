@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
+
+from _common import PRINT_VMHWM, max_abs_diff, side
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / ".cache" / "bench" / "merge"
@@ -82,7 +80,7 @@ def make_adapter(base: Path, out: Path) -> None:
     save_file(tensors, str(out / "adapter_model.safetensors"))
 
 
-PEFT_SIDE = """
+PEFT_SIDE = f"""
 import re, sys, torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
@@ -90,52 +88,16 @@ base, adapter, out = sys.argv[1:4]
 model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
 model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
 model.save_pretrained(out, max_shard_size="600MB")
-print(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+{PRINT_VMHWM}
 """
 
-FTL_SIDE = """
+FTL_SIDE = f"""
 import re, sys
 from launcher.tools.merge import main
 base, adapter, out = sys.argv[1:4]
 assert main(["--base", base, "--adapter", adapter, "--out", out]) == 0
-print(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+{PRINT_VMHWM}
 """
-
-
-def side(code: str, base: Path, adapter: Path, out: Path) -> tuple[float, float]:
-    shutil.rmtree(out, ignore_errors=True)
-    start = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-c", code, str(base), str(adapter), str(out)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "TQDM_DISABLE": "1"},
-    )
-    wall = time.perf_counter() - start
-    if done.returncode != 0:
-        raise SystemExit(done.stderr[-3000:])
-    return wall, int(done.stdout.strip().splitlines()[-1]) / 1024  # MiB
-
-
-def compare(a: Path, b: Path) -> float:
-    """Largest absolute difference over every tensor of two safetensors folders."""
-    from safetensors import safe_open
-
-    def index(folder: Path) -> dict[str, Path]:
-        found = {}
-        for f in folder.glob("*.safetensors"):
-            with safe_open(str(f), "pt") as st:
-                found.update(dict.fromkeys(st.keys(), f))  # noqa: SIM118
-        return found
-
-    ia, ib = index(a), index(b)
-    assert set(ia) == set(ib), set(ia) ^ set(ib)
-    worst = 0.0
-    for key, fa in ia.items():
-        with safe_open(str(fa), "pt") as sa, safe_open(str(ib[key]), "pt") as sb:
-            x, y = sa.get_tensor(key).float(), sb.get_tensor(key).float()
-            worst = max(worst, float((x - y).abs().max()))
-    return worst
 
 
 def main() -> None:
@@ -150,9 +112,11 @@ def main() -> None:
     if not (adapter / "adapter_model.safetensors").is_file():
         make_adapter(base, adapter)
     shards = len(list(base.glob("model-*.safetensors")))
-    peft_wall, peft_rss = side(PEFT_SIDE, base, adapter, WORK / "out-peft")
-    ftl_wall, ftl_rss = side(FTL_SIDE, base, adapter, WORK / "out-ftl")
-    diff = compare(WORK / "out-ftl", WORK / "out-peft")
+    shutil.rmtree(WORK / "out-peft", ignore_errors=True)
+    shutil.rmtree(WORK / "out-ftl", ignore_errors=True)
+    peft_wall, peft_rss = side(PEFT_SIDE, str(base), str(adapter), str(WORK / "out-peft"))
+    ftl_wall, ftl_rss = side(FTL_SIDE, str(base), str(adapter), str(WORK / "out-ftl"))
+    diff = max_abs_diff(WORK / "out-ftl", WORK / "out-peft")
     result = {
         "model": "Llama 1.1B (TinyLlama shapes), random bf16 weights",
         "base_shards": shards,

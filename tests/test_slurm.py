@@ -508,6 +508,45 @@ def test_compare_ranks_names_each_difference():
     assert "torch differs" in line and "2.13.0 on rank 0 (n1)" in line and "rank 1 (n2)" in line
 
 
+def two_machines(recipes: list[Path], out: Path, prefixes=([], []), envs=({}, {})) -> list[str]:
+    """`ftl launch` as machines 0 and 1 of one world on loopback; both must exit 2 without
+    a traceback. Returns each machine's output."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in (0, 1):
+        cmd = [
+            sys.executable,
+            "-m",
+            "launcher.cli.main",
+            "launch",
+            str(recipes[rank]),
+            "--num-processes=1",
+            "--num-machines=2",
+            f"--machine-rank={rank}",
+            "--main-process-ip=127.0.0.1",
+            f"--main-process-port={port}",
+            "-o",
+            f"output.dir={out}",
+        ]
+        procs.append(
+            subprocess.Popen(
+                [*prefixes[rank], *cmd],
+                env={**os.environ, **envs[rank]},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+        time.sleep(0.5)  # machine 0 checks that its port is free before binding it
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, text in zip(procs, outs, strict=True):
+        assert p.returncode == 2, text[-3000:]
+        assert "Traceback" not in text, text[-3000:]
+    return outs
+
+
 def test_preflight_stops_mismatched_machines_with_one_clear_message(base, tmp_path):
     """Machine 1 has another PEFT installed and a stale copy of the recipe."""
     fake = tmp_path / "other-site"
@@ -517,39 +556,8 @@ def test_preflight_stops_mismatched_machines_with_one_clear_message(base, tmp_pa
     )
     stale = tmp_path / "stale.yaml"
     stale.write_text(base.read_text().replace("lr: 1.0e-3", "lr: 2.0e-3"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "run"
-    procs = []
-    for rank, recipe, extra in ((0, base, {}), (1, stale, {"PYTHONPATH": str(fake)})):
-        procs.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "launcher.cli.main",
-                    "launch",
-                    str(recipe),
-                    "--num-processes=1",
-                    "--num-machines=2",
-                    f"--machine-rank={rank}",
-                    "--main-process-ip=127.0.0.1",
-                    f"--main-process-port={port}",
-                    "-o",
-                    f"output.dir={out}",
-                ],
-                env={**os.environ, **extra},
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-        time.sleep(0.5)
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-    for p, text in zip(procs, outs, strict=True):
-        assert p.returncode == 2, text[-3000:]
-        assert "Traceback" not in text, text[-3000:]
+    outs = two_machines([base, stale], out, envs=({}, {"PYTHONPATH": str(fake)}))
     text = outs[0]
     assert "do not match" in text
     assert "peft differs between ranks" in text and "0.0.1 on rank 1" in text
@@ -576,10 +584,6 @@ def test_preflight_refuses_a_run_folder_the_nodes_do_not_share(base, tmp_path):
     both stop before loading the model, naming the rank that cannot see the folder."""
     shared = tmp_path / "shared"
     shared.mkdir()
-    out = shared / "run"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     hide = [
         "unshare",
         "-m",
@@ -591,34 +595,6 @@ def test_preflight_refuses_a_run_folder_the_nodes_do_not_share(base, tmp_path):
         "_",
         str(shared),
     ]
-    procs = []
-    for rank in (0, 1):
-        cmd = [
-            sys.executable,
-            "-m",
-            "launcher.cli.main",
-            "launch",
-            str(base),
-            "--num-processes=1",
-            "--num-machines=2",
-            f"--machine-rank={rank}",
-            "--main-process-ip=127.0.0.1",
-            f"--main-process-port={port}",
-            "-o",
-            f"output.dir={out}",
-        ]
-        procs.append(
-            subprocess.Popen(
-                (hide if rank else []) + cmd,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-        time.sleep(0.5)
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-    for p, text in zip(procs, outs, strict=True):
-        assert p.returncode == 2, text[-3000:]
-        assert "Traceback" not in text, text[-3000:]
+    for text in two_machines([base, base], shared / "run", prefixes=([], hide)):
         assert "rank 1" in text and "cannot see the run folder" in text, text[-3000:]
     assert list(shared.iterdir()) == []  # the probe is gone, nothing was written

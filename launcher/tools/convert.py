@@ -32,23 +32,12 @@ from pathlib import Path
 from typing import Any
 
 from launcher.errors import Problem, UserError
+from launcher.tools.merge import TOKENIZER_FILES
 from launcher.tools.stream import size_text, st_dtype, write_shard
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 FSDP_FILES = ("pytorch_model_fsdp.bin", "model.safetensors", "pytorch_model.bin")
-SIDE_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-)
+SIDE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
 MAX_SHARD = 5 * 2**30
 
 
