@@ -128,7 +128,10 @@ def test_gguf_of_an_adapter_run_is_the_merged_model(lora_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "gguf"
-    assert main(["export", str(lora_run), "--format", "gguf", "--out", str(out)]) == 0
+    args = ["export", str(lora_run), "--format", "gguf", "--out", str(out)]
+    assert main([*args, "--dry-run"]) == 0
+    assert not out.exists() and not list(tmp_path.glob(".gguf.tmp-*"))
+    assert main(args) == 0
     got = AutoModelForCausalLM.from_pretrained(out, gguf_file="model-f16.gguf")
     base = json.loads((lora_run / "model" / "adapter_config.json").read_text())
     ref = PeftModel.from_pretrained(

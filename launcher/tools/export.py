@@ -165,22 +165,35 @@ def export_gguf(src: Path, out: Path, *, quant: str, overwrite: bool, dry_run: b
     adapter = (src / "adapter_config.json").is_file()
     if out.exists() and not overwrite and not dry_run:
         raise UserError(Problem(f"{out} already exists", key="--out", hint="add --overwrite"))
-    parent = out.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    if dry_run:  # the plan is built in the system's temporary folder; out is not touched
+        tmp = Path(tempfile.mkdtemp(prefix="ftl-gguf-plan-"))
+    else:
+        parent = out.resolve().parent
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
     try:
         model = src
-        if adapter:  # merge first (streaming), into the temporary folder
+        if adapter and dry_run:  # plan from the base: the merge keeps its tensors' shapes
+            from launcher.assets import resolve_path
+
+            name = json.loads((src / "adapter_config.json").read_text())["base_model_name_or_path"]
+            model = resolve_path(name, base=Path.cwd())
+        elif adapter:  # merge first (streaming), into the temporary folder
             model = tmp / "merged"
             export_hf(src, model, dtype=None, overwrite=False, dry_run=False)
         check_model(model)
         tokenizer_fields(model)  # refuses what the GGUF tokenizer fields cannot hold
         name = f"model-{quant}.gguf"
         if dry_run:
-            shutil.rmtree(tmp, ignore_errors=True)
-            return f"gguf ({quant}) -> {out / name}" + (
-                " (the adapter merged first)" if adapter else ""
+            planned = write_gguf(model, tmp / name, quant, dry_run=True)
+            merged = " (the adapter merged first)" if adapter else ""
+            return (
+                f"gguf -> {out / name}{merged}\n  {name}  "
+                f"{planned['bytes'] / 2**20:.1f} MiB of tensor data, {planned['tensors']} "
+                f"tensors ({planned['types']})\n  tokenizer.json, tokenizer_config.json, "
+                "chat_template.jinja"
             )
+
         (tmp / "bundle").mkdir()
         report = write_gguf(model, tmp / "bundle" / name, quant)
         for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):

@@ -10,6 +10,7 @@ loader undoes it on load (the test checks that round trip).
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -109,8 +110,9 @@ def tokenizer_fields(folder: Path) -> dict[str, Any]:
     }
 
 
-def write_gguf(folder: Path, path: Path, quant: str) -> dict[str, Any]:
-    """Write `folder` (a safetensors HF model) as one GGUF file at `path`."""
+def write_gguf(folder: Path, path: Path, quant: str, dry_run: bool = False) -> dict[str, Any]:
+    """Write `folder` (a safetensors HF model) as one GGUF file at `path` (dry run: only
+    plan it and report tensors, types and bytes)."""
     import gguf
     import numpy as np
     import torch
@@ -183,12 +185,25 @@ def write_gguf(folder: Path, path: Path, quant: str) -> dict[str, Any]:
         else:
             shape = rows_cols
             nbytes = int(np.prod(shape)) * np.dtype(numpy_dtype).itemsize
+        plan.append((p, e, name, out_type, shape, numpy_dtype, nbytes))
+    if dry_run:
+        writer.close()
+        path.unlink(missing_ok=True)
+        return {
+            "tensors": len(plan),
+            "quant": quant,
+            "bytes": sum(x[-1] for x in plan),
+            "types": _count(x[3].name for x in plan),
+        }
+    for _p, _e, name, out_type, shape, numpy_dtype, nbytes in plan:
         writer.add_tensor_info(name, shape, np.dtype(numpy_dtype), nbytes, raw_dtype=out_type)
-        plan.append((p, e, name, out_type))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for p, e, name, out_type in plan:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(plan), unit="tensor", desc="gguf", file=sys.stderr, mininterval=1.0)
+    for p, e, name, out_type, *_ in plan:
         t = read_tensor(p, e).to(torch.float32)
         if name.endswith("attn_q.weight"):
             t = permute(t, heads)
@@ -200,6 +215,20 @@ def write_gguf(folder: Path, path: Path, quant: str) -> dict[str, Any]:
         elif out_type == gguf.GGMLQuantizationType.F16:
             arr = arr.astype(np.float16)
         writer.write_tensor_data(arr)
+        bar.update(1)
         del t, arr
+    bar.close()
     writer.close()
-    return {"tensors": len(plan), "quant": quant, "bytes": path.stat().st_size}
+    return {
+        "tensors": len(plan),
+        "quant": quant,
+        "bytes": path.stat().st_size,
+        "types": _count(x[3].name for x in plan),
+    }
+
+
+def _count(names: Any) -> str:
+    counts: dict[str, int] = {}
+    for n in names:
+        counts[n] = counts.get(n, 0) + 1
+    return ", ".join(f"{v} {k}" for k, v in counts.items())
