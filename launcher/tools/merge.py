@@ -219,8 +219,9 @@ def scaling(cfg: dict[str, Any], d: Delta) -> float:
     return d.alpha / math.sqrt(r) if cfg.get("use_rslora") else d.alpha / r
 
 
-def merged(weight: Any, d: Delta, cfg: dict[str, Any], key: str, out_dtype: Any) -> Any:
-    """`weight` with the adapter folded in, computed in float32."""
+def merged(weight: Any, d: Delta, cfg: dict[str, Any], out_dtype: Any) -> Any:
+    """`weight` with the adapter folded in, computed in float32 (shapes were checked by
+    `plan`, from the headers, before anything was read)."""
     import torch
 
     w = weight.to(torch.float32)
@@ -228,17 +229,6 @@ def merged(weight: Any, d: Delta, cfg: dict[str, Any], key: str, out_dtype: Any)
     delta = d.b.to(torch.float32) @ d.a.to(torch.float32)
     if d.embedding or cfg.get("fan_in_fan_out"):
         delta = delta.T
-    if delta.shape != w.shape:
-        raise UserError(
-            Problem(
-                f"the adapter was trained on another base: {key} is {tuple(w.shape)} in the "
-                f"base but the adapter's update is {tuple(delta.shape)} "
-                f"(lora_A {tuple(d.a.shape)}, lora_B {tuple(d.b.shape)})",
-                key="--base",
-                hint=f"merge into the model the adapter was trained on "
-                f"({cfg.get('base_model_name_or_path')})",
-            )
-        )
     w = w + s * delta
     if d.magnitude is not None:  # DoRA: rescale every output row to its learned norm
         norm = torch.linalg.norm(w, dim=1)
@@ -450,7 +440,7 @@ def _produce(p: Plan, shard: list[Item], report: dict[str, int], bar: Any) -> It
         if item.dequantize:
             tensor = dequantized(tensor, p.qlora)  # type: ignore[arg-type]
         if item.key in p.adapter.deltas:
-            tensor = merged(tensor, p.adapter.deltas[item.key], cfg, item.key, dtype)
+            tensor = merged(tensor, p.adapter.deltas[item.key], cfg, dtype)
             report["merged"] += 1
         else:
             report["copied"] += item.key not in p.adapter.replaced
