@@ -61,7 +61,7 @@ def main(argv: list[str]) -> None:
         sys.exit("this peer covers fp32 with AdamW")
 
     tok = load_tokenizer(r.model, needs_eos=True)
-    data = load_datasets(r.data, tok, uses_labels=False)
+    data = load_datasets(r.data, tok, label_kind="tokens")
     # ftl's micro-batches of epoch 0, in ftl's order, fed sequentially
     batches = epoch_batches(len(data.train), t.micro_batch_size, t.seed, 0)[: t.max_steps]
     if len(batches) < t.max_steps or len(batches[-1]) < t.micro_batch_size:

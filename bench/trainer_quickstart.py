@@ -36,7 +36,7 @@ def main() -> None:
     recipe = load_recipe(sys.argv[1] if len(sys.argv) > 1 else "recipes/quickstart.yaml")
     path = str(resolve_path(recipe.model.name_or_path))
     tok = AutoTokenizer.from_pretrained(path)
-    data = load_datasets(recipe.data, tok, uses_labels=True)
+    data = load_datasets(recipe.data, tok, label_kind="class")
     train = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in data.train]
     evals = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in data.eval]
 

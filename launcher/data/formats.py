@@ -28,6 +28,10 @@ class RowError(ValueError):
     """This row cannot be used; the message says why."""
 
 
+class TooLong(Exception):
+    """`too_long: drop`: the row is longer than the limit; it is dropped and counted."""
+
+
 @dataclass
 class FormatContext:
     tokenizer: Any
@@ -37,7 +41,29 @@ class FormatContext:
     messages_field: str = "messages"
     label2id: dict[str, int] = field(default_factory=dict)
     prompt_template: str | None = None
-    stats: dict[str, int] = field(default_factory=lambda: {"truncated": 0})
+    too_long: str = "truncate"  # truncate | drop | error
+    label_kind: str = "class"  # text_classification: class | multi_hot | score
+    tokens_field: str = "tokens"
+    tags_field: str = "tags"
+    source_field: str = "source"
+    target_field: str = "target"
+    source_prefix: str = ""
+    max_target_length: int = 128
+    stats: dict[str, int] = field(default_factory=lambda: {"truncated": 0, "dropped_too_long": 0})
+
+    def over(self, n: int, limit: int, what: str, key: str) -> bool:
+        """Apply the too_long policy to an example of `n` tokens: True means cut it."""
+        if n <= limit:
+            return False
+        if self.too_long == "error":
+            raise RowError(
+                f"{what} is {n} tokens, longer than {key}={limit} "
+                "(set data.too_long: truncate or drop, or raise the limit)"
+            )
+        if self.too_long == "drop":
+            raise TooLong
+        self.stats["truncated"] += 1
+        return True
 
 
 def _field(row: dict[str, Any], name: str, kind: type = str) -> Any:
@@ -54,8 +80,7 @@ def _encode(tok: Any, text: str) -> list[int]:
 
 
 def _finish_lm(ctx: FormatContext, ids: list[int], labels: list[int]) -> dict[str, Any]:
-    if len(ids) > ctx.max_length:
-        ctx.stats["truncated"] += 1
+    if ctx.over(len(ids), ctx.max_length, "the example", "data.max_length"):
         ids, labels = ids[: ctx.max_length], labels[: ctx.max_length]
     if all(x == IGNORE for x in labels):
         raise RowError(f"nothing left to learn after truncation to max_length={ctx.max_length}")
@@ -164,14 +189,121 @@ def label_of(row: dict[str, Any], name: str) -> str:
     return str(value).strip()
 
 
+def labels_of(row: dict[str, Any], name: str) -> list[str]:
+    """Multi-label: a list of labels (possibly empty), or one label."""
+    if name in row and isinstance(row[name], list):
+        out = []
+        for v in row[name]:
+            label_of({name: v}, name)  # each item: a non-empty string or an integer
+            out.append(str(v).strip())
+        return out
+    return [label_of(row, name)]
+
+
+def score_of(row: dict[str, Any], name: str) -> float:
+    """Regression: a number (CSV cells are numeric text)."""
+    import math
+
+    if name not in row:
+        raise RowError(f"missing field '{name}'")
+    value = row[name]
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        score = float(value)
+    except (TypeError, ValueError):
+        raise RowError(f"field '{name}' must be a number, got {value!r}") from None
+    if not math.isfinite(score):
+        raise RowError(f"field '{name}' must be a finite number, got {value!r}")
+    return score
+
+
+def _encode_text(ctx: FormatContext, text: str) -> list[int]:
+    ids = ctx.tokenizer(text)["input_ids"]
+    if ctx.over(len(ids), ctx.max_length, "the text", "data.max_length"):
+        ids = ctx.tokenizer(text, truncation=True, max_length=ctx.max_length)["input_ids"]
+    return ids
+
+
 def text_classification(row: dict[str, Any], ctx: FormatContext) -> dict[str, Any]:
-    """text + label -> truncated token ids and one class id."""
+    """text + label -> token ids and one class id, a multi-hot row, or a score."""
     text = _field(row, ctx.text_field)
+    if ctx.label_kind == "score":
+        return {"input_ids": _encode_text(ctx, text), "labels": score_of(row, ctx.label_field)}
+    if ctx.label_kind == "multi_hot":
+        hot = [0.0] * len(ctx.label2id)
+        for label in labels_of(row, ctx.label_field):
+            if label not in ctx.label2id:
+                raise RowError(f"label '{label}' is not in the label set {sorted(ctx.label2id)}")
+            hot[ctx.label2id[label]] = 1.0
+        return {"input_ids": _encode_text(ctx, text), "labels": hot}
     label = label_of(row, ctx.label_field)
     if label not in ctx.label2id:
         raise RowError(f"label '{label}' is not in the label set {sorted(ctx.label2id)}")
-    ids = ctx.tokenizer(text, truncation=True, max_length=ctx.max_length)["input_ids"]
-    return {"input_ids": ids, "labels": ctx.label2id[label]}
+    return {"input_ids": _encode_text(ctx, text), "labels": ctx.label2id[label]}
+
+
+def tags_of(row: dict[str, Any], ctx: FormatContext) -> tuple[list[str], list[str]]:
+    """The words and their tags, checked: equal lengths, non-empty strings."""
+    words = _field(row, ctx.tokens_field, list)
+    tags = _field(row, ctx.tags_field, list)
+    if len(words) != len(tags):
+        raise RowError(
+            f"{len(words)} {ctx.tokens_field} but {len(tags)} {ctx.tags_field}: "
+            "every word needs exactly one tag"
+        )
+    for i, w in enumerate(words):
+        if not isinstance(w, str) or not w.strip():
+            raise RowError(f"{ctx.tokens_field}[{i}] must be a non-empty string, got {w!r}")
+    for i, t in enumerate(tags):
+        if not isinstance(t, str) or not t.strip():
+            raise RowError(f"{ctx.tags_field}[{i}] must be a non-empty string, got {t!r}")
+    return words, [t.strip() for t in tags]
+
+
+def token_tags(row: dict[str, Any], ctx: FormatContext) -> dict[str, Any]:
+    """Words + one tag per word -> sub-word ids; the first sub-token of each word carries
+    the word's tag, the other sub-tokens and the special tokens are ignored (-100)."""
+    words, tags = tags_of(row, ctx)
+    for i, t in enumerate(tags):
+        if t not in ctx.label2id:
+            raise RowError(
+                f"tag '{t}' ({ctx.tags_field}[{i}]) is not in the tag set the model was "
+                f"built with: {sorted(ctx.label2id)} (add it to data.labels)"
+            )
+    tok = ctx.tokenizer
+    if not getattr(tok, "is_fast", False):
+        raise RowError("token classification needs a fast tokenizer (word_ids)")
+    enc = tok(words, is_split_into_words=True)
+    if ctx.over(len(enc["input_ids"]), ctx.max_length, "the sentence", "data.max_length"):
+        enc = tok(words, is_split_into_words=True, truncation=True, max_length=ctx.max_length)
+    labels, seen = [], set()
+    for w in enc.word_ids():
+        if w is None or w in seen:
+            labels.append(IGNORE)
+        else:
+            seen.add(w)
+            labels.append(ctx.label2id[tags[w]])
+    if all(x == IGNORE for x in labels):
+        raise RowError("no word survived tokenization")
+    return {"input_ids": list(enc["input_ids"]), "labels": labels}
+
+
+def translation(row: dict[str, Any], ctx: FormatContext) -> dict[str, Any]:
+    """source -> target for encoder-decoder models: the loss falls on every target token,
+    EOS included; the decoder is fed the labels shifted right (teacher forcing)."""
+    tok = ctx.tokenizer
+    source = ctx.source_prefix + _field(row, ctx.source_field)
+    target = _field(row, ctx.target_field)
+    ids = tok(source)["input_ids"]
+    if ctx.over(len(ids), ctx.max_length, "the source", "data.max_length"):
+        ids = tok(source, truncation=True, max_length=ctx.max_length)["input_ids"]
+    labels = tok(text_target=target)["input_ids"]
+    if not labels or labels[-1] != tok.eos_token_id:
+        labels = [*labels, tok.eos_token_id]  # the model must learn to stop
+    if ctx.over(len(labels), ctx.max_target_length, "the target", "data.max_target_length"):
+        labels = [*labels[: ctx.max_target_length - 1], tok.eos_token_id]
+    return {"input_ids": ids, "labels": labels}
 
 
 FORMATS: dict[str, Callable[[dict[str, Any], FormatContext], dict[str, Any]]] = {
@@ -179,4 +311,6 @@ FORMATS: dict[str, Callable[[dict[str, Any], FormatContext], dict[str, Any]]] = 
     "alpaca": alpaca,
     "chat": chat,
     "text_classification": text_classification,
+    "token_tags": token_tags,
+    "translation": translation,
 }

@@ -1,4 +1,4 @@
-"""Reading raw rows from JSONL, JSON, CSV/TSV files or a folder of label folders.
+"""Reading raw rows from JSONL, JSON, CSV/TSV, CoNLL files or a folder of label folders.
 
 Every row carries where it came from (`file:line`), so a bad row is reported exactly.
 """
@@ -13,7 +13,8 @@ from typing import Any
 
 from launcher.errors import Problem, UserError
 
-SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
+SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".conll", ".iob", ".bio")
+CONLL = (".conll", ".iob", ".bio")
 
 
 @dataclass
@@ -44,6 +45,8 @@ def read_rows(
     bad: BadRows,
     text_field: str = "text",
     label_field: str = "label",
+    tokens_field: str = "tokens",
+    tags_field: str = "tags",
 ) -> list[Row]:
     """All rows of `path`; malformed ones raise (`on_bad_row: error`) or are counted."""
     if not path.exists():
@@ -64,6 +67,8 @@ def read_rows(
             return _read_json(path, key, on_bad_row, bad)
         if suffix in (".csv", ".tsv"):
             return _read_csv(path, "\t" if suffix == ".tsv" else ",")
+        if suffix in CONLL:
+            return _read_conll(path, key, on_bad_row, bad, tokens_field, tags_field)
     except UnicodeDecodeError as e:
         raise UserError(
             Problem(
@@ -159,6 +164,47 @@ def _read_csv(path: Path, delimiter: str) -> list[Row]:
             )
             for r in reader
         ]
+
+
+def _read_conll(
+    path: Path, key: str, on_bad_row: str, bad: BadRows, tokens_field: str, tags_field: str
+) -> list[Row]:
+    """CoNLL columns: one word per line, its first column the word and its last the tag;
+    a blank line ends a sentence; -DOCSTART- lines are skipped."""
+    rows: list[Row] = []
+    words: list[str] = []
+    tags: list[str] = []
+    start = 0
+
+    def flush() -> None:
+        if words:
+            rows.append(Row({tokens_field: list(words), tags_field: list(tags)}, f"{path}:{start}"))
+        words.clear()
+        tags.clear()
+
+    with path.open(encoding="utf-8-sig") as f:
+        for n, line in enumerate(f, 1):
+            cols = line.split()
+            if not cols:
+                flush()
+                continue
+            if cols[0] == "-DOCSTART-":
+                continue
+            if len(cols) < 2:
+                _bad(
+                    f"a CoNLL line needs a word and a tag, got {line.strip()!r}",
+                    f"{path}:{n}",
+                    key,
+                    on_bad_row,
+                    bad,
+                )
+                continue
+            if not words:
+                start = n
+            words.append(cols[0])
+            tags.append(cols[-1])
+    flush()
+    return rows
 
 
 def _read_label_folders(path: Path, key: str, text_field: str, label_field: str) -> list[Row]:

@@ -461,6 +461,8 @@ def facts_from_recipe(recipe: Any, model_config: str | None = None) -> ModelFact
     if task.uses_labels:
         labels = recipe.data.labels or ["a", "b"]
         config.num_labels = len(labels)
+    elif task.label_kind == "score":
+        config.num_labels = 1
     build_kw: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
     if cfg.attn_implementation:
         build_kw["attn_implementation"] = cfg.attn_implementation

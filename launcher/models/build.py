@@ -119,6 +119,12 @@ def build_model(
             id2label=dict(enumerate(labels or [])),
             label2id={n: i for i, n in enumerate(labels or [])},
         )
+    elif task.label_kind == "score":
+        kw.update(num_labels=1, id2label={0: "score"}, label2id={"score": 0})
+    if task.problem_type:
+        kw["problem_type"] = task.problem_type  # picks the head's loss: CE, BCE or MSE
+    dropout_keys = dropout_settings(cfg) if cfg.dropout is not None else []
+    kw.update(dict.fromkeys(dropout_keys, cfg.dropout))
     if quant.bits is not None:
         from launcher.models.quant import bnb_config, check_compute_dtype, storage_dtype
 
@@ -145,6 +151,65 @@ def build_model(
         model.config.use_cache = False
     new = set(info.get("missing_keys", []))
     return model, new
+
+
+# config keys that hold a dropout probability, across the families transformers ships
+DROPOUT_KEYS = (
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "classifier_dropout",
+    "classifier_dropout_prob",
+    "hidden_dropout",
+    "attention_dropout",
+    "activation_dropout",
+    "dropout",
+    "dropout_rate",
+    "resid_pdrop",
+    "embd_pdrop",
+    "attn_pdrop",
+    "summary_first_dropout",
+    "seq_classif_dropout",
+    "mlp_dropout",
+    "embedding_dropout",
+    "ffn_dropout",
+)
+
+
+def dropout_settings(cfg: ModelCfg) -> list[str]:
+    """The dropout keys of this model's config that `model.dropout` sets."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_location(cfg), **_common(cfg))
+    except (OSError, ValueError) as e:
+        raise UserError(
+            Problem(f"cannot read the model config: {e}", key="model.name_or_path")
+        ) from None
+    keys = [k for k in DROPOUT_KEYS if k in config.to_dict()]
+    if not keys:
+        raise UserError(
+            Problem(
+                f"model.dropout is set, but the config of {cfg.name_or_path} "
+                f"({type(config).__name__}) has none of the dropout keys ftl knows",
+                key="model.dropout",
+                hint="remove model.dropout; its dropout cannot be overridden from the config",
+            )
+        )
+    return keys
+
+
+def check_max_length(model: Any, max_length: int, key: str = "data.max_length") -> None:
+    """A sequence longer than the model's position table would fail mid-run: say so now."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and 0 < limit < max_length:
+        raise UserError(
+            Problem(
+                f"{key}={max_length} but this model has only {limit} positions "
+                "(max_position_embeddings)",
+                key=key,
+                hint=f"set {key}: {limit} or less; longer rows then follow data.too_long",
+            )
+        )
 
 
 def _local_device() -> str:

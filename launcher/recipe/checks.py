@@ -141,6 +141,32 @@ def _early_stopping_metric(r: Recipe) -> Iterator[Hit]:
             )
 
 
+def _task_settings(r: Recipe) -> Iterator[Hit]:
+    """Settings that only some tasks use are errors elsewhere, never silently ignored."""
+    from launcher.recipe.schema import GenerationCfg
+
+    task = TASKS[r.task]
+    if r.train.label_smoothing and task.smoothed_loss is None:
+        yield (
+            "train.label_smoothing",
+            f"task '{r.task}' has no cross-entropy over classes to smooth",
+            "remove train.label_smoothing (it applies to causal_lm, sequence_classification, "
+            "token_classification and seq2seq)",
+        )
+    if not task.generates and r.train.generation != GenerationCfg():
+        yield (
+            "train.generation",
+            f"task '{r.task}' does not generate text in its evals",
+            "remove train.generation (it sets seq2seq eval generation)",
+        )
+    if task.label_kind == "score" and r.data.labels is not None:
+        yield (
+            "data.labels",
+            "a regression target is a number: it has no label set",
+            "remove data.labels, or use task: sequence_classification for classes",
+        )
+
+
 def _one_batch_size(r: Recipe) -> Iterator[Hit]:
     if r.train.global_batch_size is not None and r.train.grad_accum != 1:
         yield (
@@ -274,6 +300,7 @@ RULES: list[Callable[[Recipe], Iterator[Hit]]] = [
     _l2sp_needs_pretrained_weights,
     _early_stopping_needs_evals,
     _early_stopping_metric,
+    _task_settings,
     _one_batch_size,
     _deepspeed_config_needs_zero,
     _sharding_keeps_whole_tensors,

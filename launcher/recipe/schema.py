@@ -44,6 +44,11 @@ class ModelCfg(Section):
         description="special tokens to add to the tokenizer (e.g. chat markers a base model "
         "lacks); the embeddings grow and, with an adapter, are trained and saved with it",
     )
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] | None = Field(
+        None,
+        description="override every dropout probability in the model's config (hidden, "
+        "attention, classifier...); the summary lists the keys it set",
+    )
 
 
 class AdapterCfg(Section):
@@ -90,22 +95,51 @@ class DataCfg(Section):
     eval: str | None = None
     eval_split: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     split_seed: int = 0
-    max_length: PosInt = 512
+    max_length: PosInt = Field(512, description="tokens per example (the source, for seq2seq)")
+    too_long: Literal["truncate", "drop", "error"] = Field(
+        "truncate",
+        description="an example longer than max_length (or max_target_length) is cut, "
+        "dropped and counted, or reported as an error with its line",
+    )
     on_bad_row: Literal["error", "skip"] = "error"
     max_samples: PosInt | None = None
     # field names inside each row
     text_field: str = "text"
     label_field: str = "label"
     messages_field: str = "messages"
-    labels: list[str] | None = Field(None, description="label set; inferred if omitted")
+    tokens_field: str = Field("tokens", description="token classification: the words")
+    tags_field: str = Field("tags", description="token classification: one tag per word")
+    source_field: str = Field("source", description="seq2seq: the input text")
+    target_field: str = Field("target", description="seq2seq: the text to produce")
+    source_prefix: str = Field(
+        "", description='seq2seq: prepended to every source (T5: "translate English to German: ")'
+    )
+    max_target_length: PosInt = Field(128, description="seq2seq: tokens per target")
+    labels: list[str] | None = Field(
+        None, description="label (or tag) set; inferred from the training data if omitted"
+    )
     prompt_template: str | None = Field(None, description="alpaca template override")
 
 
 class EarlyStoppingCfg(Section):
-    metric: str = "eval_loss"
-    patience: PosInt = 3
-    mode: Literal["min", "max", "auto"] = "auto"
+    metric: str = Field("eval_loss", description="any eval metric of the task")
+    patience: PosInt = Field(3, description="evals without improvement before stopping")
+    mode: Literal["min", "max", "auto"] = Field(
+        "auto", description="auto: min for eval_loss, perplexity and errors, max otherwise"
+    )
     min_delta: NonNegFloat = 0.0
+    restore_best: bool = Field(
+        True,
+        description="the saved model/ is the best evaluated one (kept in RUN/best while "
+        "training), not the last",
+    )
+
+
+class GenerationCfg(Section):
+    """How seq2seq evals generate text for BLEU and chrF (greedy unless num_beams > 1)."""
+
+    max_new_tokens: PosInt | None = Field(None, description="default: data.max_target_length")
+    num_beams: PosInt = 1
 
 
 class TrainCfg(Section):
@@ -138,6 +172,10 @@ class TrainCfg(Section):
     save_every: PosInt | None = None
     keep_last: PosInt = 2
     early_stopping: EarlyStoppingCfg | None = None
+    label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(
+        0.0, description="cross-entropy label smoothing of the training loss (evals unsmoothed)"
+    )
+    generation: GenerationCfg = GenerationCfg()
     l2sp: NonNegFloat = Field(0.0, description="λ of L2-SP: loss + λ·Σ‖θ−θ₀‖²")
     num_threads: PosInt | None = Field(None, description="torch CPU threads (default: all)")
     fast_dropout: bool = Field(True, description="cheaper dropout masks when training on CPU")

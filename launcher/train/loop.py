@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,14 @@ from launcher.data.build import Datasets, collate, load_datasets
 from launcher.dist.strategies import STRATEGIES
 from launcher.errors import Problem, UserError
 from launcher.models.adapters import apply_adapter
-from launcher.models.build import build_model, fit_embeddings, load_tokenizer, save_model
+from launcher.models.build import (
+    build_model,
+    check_max_length,
+    dropout_settings,
+    fit_embeddings,
+    load_tokenizer,
+    save_model,
+)
 from launcher.models.quant import describe_quantization
 from launcher.recipe.resolve import Schedule, schedule
 from launcher.recipe.schema import Recipe, dump, fingerprint
@@ -34,6 +42,7 @@ from launcher.train.regularize import L2SP, pretrained_parameters
 from launcher.train.signals import STOP
 from launcher.train.tasks import TASKS, Task
 
+BEST = "best"  # the best evaluated model so far (early_stopping.restore_best)
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 EXIT_STOPPED = 3  # stopped by a signal after saving a checkpoint: resume with --resume auto
 
@@ -134,15 +143,14 @@ class Trainer:
         )
 
         self.tokenizer = load_tokenizer(r.model, needs_eos=self.task.needs_eos)
-        self.data: Datasets = load_datasets(
-            r.data, self.tokenizer, uses_labels=self.task.uses_labels
-        )
+        self.data: Datasets = load_datasets(r.data, self.tokenizer, label_kind=self.task.label_kind)
         self.sched: Schedule = schedule(t, len(self.data.train), self.acc.num_processes)
         self.acc.gradient_accumulation_steps = self.sched.grad_accum
         self.acc.print(f"{self.strategy.name}: {self.sched.accounting()}")
         identity = rundir.run_identity(r, self.sched, len(self.data.train))
 
         self.rss_mb = {"before_model": report.rss_now_mb()}  # per phase, in the summary
+        self.dropout_keys = dropout_settings(r.model) if r.model.dropout is not None else []
         set_seed(t.seed)  # before the new head is initialised: runs are reproducible
         model, new_params = build_model(
             r.model,
@@ -154,6 +162,8 @@ class Trainer:
             precision=t.precision,
         )
         self.rss_mb["after_model"] = report.rss_now_mb()
+        if self.task.name != "causal_lm":  # encoders have a fixed position table
+            check_max_length(model, r.data.max_length)
         self.quant = describe_quantization(model)
         if self.quant:
             self.acc.print(
@@ -209,6 +219,7 @@ class Trainer:
             "tokens": 0,
             "samples": 0,
             "best": None,
+            "best_step": None,
             "bad_evals": 0,
             "window_loss": 0.0,
             "window_steps": 0,
@@ -221,6 +232,7 @@ class Trainer:
             rundir.check_resume(saved.get("run", {}), identity, self.resume_from)
             self.state = checkpoint.load(self.acc, self.resume_from)
             self.acc.print(f"resumed from {self.resume_from} at step {self.state['step']}")
+            self._check_best_on_resume()
 
         # -- every check passed: now the run folder may change -------------------------------
         resumed_here = (
@@ -269,7 +281,7 @@ class Trainer:
 
     # -- data ----------------------------------------------------------------------------
     def _collate(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
-        return collate(batch, self.tokenizer.pad_token_id)
+        return collate(batch, self.tokenizer.pad_token_id, label_kind=self.task.label_kind)
 
     def _train_loader(self, epoch: int, skip_per_process: int) -> Any:
         import torch
@@ -325,8 +337,13 @@ class Trainer:
                 for batch in self._train_loader(epoch, skip):
                     with self.acc.accumulate(self.model):
                         out = self.model(**batch)
-                        loss = out.loss if self.l2sp is None else out.loss + self.l2sp.penalty()
-                        group_loss += out.loss.detach()
+                        task_loss = (
+                            self.task.smoothed_loss(out, batch, t.label_smoothing)
+                            if t.label_smoothing > 0
+                            else out.loss
+                        )
+                        loss = task_loss if self.l2sp is None else task_loss + self.l2sp.penalty()
+                        group_loss += task_loss.detach()
                         group_n += 1
                         st["window_tokens"] += int(batch["attention_mask"].sum())
                         st["window_samples"] += batch["input_ids"].shape[0]
@@ -394,10 +411,11 @@ class Trainer:
         }
         finished = status in ("completed", "early_stopped")
         if self.eval_loader is not None and finished and evaluated_at != st["step"]:
-            self._evaluate(st["step"])
-        if status in ("completed", "early_stopped") and self.recipe.output.save_model:
-            self._save_final()
-        return self._finish(status, train_time, throughput)
+            self._evaluate_and_watch(st["step"], final=True)
+        restored = None
+        if finished and self.recipe.output.save_model:
+            restored = self._save_final()
+        return self._finish(status, train_time, throughput, restored)
 
     def _sum(self, value: int) -> int:
         if self.acc.num_processes == 1:
@@ -442,6 +460,8 @@ class Trainer:
     def _evaluate(self, step: int) -> dict[str, Any]:
         import torch
 
+        from launcher.train.tasks import EvalContext
+
         self.model.eval()
         sums, counts, preds, labels = [], [], [], []
         started = time.time()
@@ -449,18 +469,20 @@ class Trainer:
         deepspeed = self.strategy.kind == "deepspeed"
         with torch.no_grad() if deepspeed else torch.inference_mode():
             for batch in self.eval_loader:
-                inputs = {k: v for k, v in batch.items() if k != "labels"}
+                inputs = {k: v for k, v in batch.items() if k != "labels" or self.task.feeds_labels}
                 loss_sum, count, pred = self.task.eval_batch(self.model(**inputs), batch)
+                if self.task.generates:
+                    pred = self._generate(batch)
                 # gather_for_metrics drops the samples repeated to even out the last batch
                 sums.append(self.acc.gather_for_metrics(loss_sum.double()).cpu())
                 counts.append(self.acc.gather_for_metrics(count.double()).cpu())
                 if pred is not None:
-                    preds.append(self.acc.gather_for_metrics(pred).cpu())
-                    labels.append(self.acc.gather_for_metrics(batch["labels"]).cpu())
+                    preds.append(self._gather(pred))
+                    labels.append(self._gather(batch["labels"]))
         loss = float(torch.cat(sums).sum() / torch.cat(counts).sum())
         rec: dict[str, Any] = {"kind": "eval", "step": step, "eval_loss": loss}
-        gathered = (torch.cat(preds), torch.cat(labels)) if preds else (None, None)
-        rec.update(self.task.eval_metrics(*gathered, loss))
+        ctx = EvalContext(tokenizer=self.tokenizer, label_names=self.data.labels)
+        rec.update(self.task.eval_metrics(preds, labels, loss, ctx))
         rec["eval_seconds"] = round(time.time() - started, 3)
         self.model.train()
         self._log(rec)
@@ -470,19 +492,42 @@ class Trainer:
         self.acc.print(f"\n[eval] step {step}: {shown}")
         return rec
 
+    def _gather(self, x: Any) -> Any:
+        """Gather one eval batch from every process; rows of tokens differ in length across
+        processes, so they are padded (with -100, which metrics skip) first."""
+        if x.ndim == 2 and self.acc.num_processes > 1:
+            x = self.acc.pad_across_processes(x, dim=1, pad_index=-100)
+        return self.acc.gather_for_metrics(x).cpu()
+
+    def _generate(self, batch: dict[str, Any]) -> Any:
+        """Generated target ids for BLEU and chrF; padding after EOS reads as -100."""
+        g = self.recipe.train.generation
+        model = self.acc.unwrap_model(self.model)
+        out = model.generate(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            max_new_tokens=g.max_new_tokens or self.recipe.data.max_target_length,
+            num_beams=g.num_beams,
+            do_sample=False,
+            # every rank runs the same number of forwards while ZeRO-3/FSDP gather weights
+            synced_gpus=self.strategy.shards_params and self.acc.num_processes > 1,
+        )
+        pad = self.tokenizer.pad_token_id
+        return out.masked_fill(out == pad, -100) if pad is not None else out
+
     def _last_eval(self) -> dict[str, Any] | None:
         evals = [r for r in self.metrics.records if r.get("kind") == "eval"]
         return evals[-1] if evals else None
 
-    def _evaluate_and_watch(self, step: int) -> bool:
-        """Evaluate; True when early stopping says to stop."""
+    def _evaluate_and_watch(self, step: int, *, final: bool = False) -> bool:
+        """Evaluate; track the best value (and model); True when early stopping says stop."""
         rec = self._evaluate(step)
         es = self.recipe.train.early_stopping
         if es is None:
             return False
         value = rec[es.metric]
         lower_is_better = es.mode == "min" or (
-            es.mode == "auto" and es.metric in ("eval_loss", "perplexity")
+            es.mode == "auto" and es.metric in self.task.lower_is_better
         )
         best = self.state["best"]
         if best is None:
@@ -492,13 +537,54 @@ class Trainer:
         else:
             better = value > best + es.min_delta
         if better:
-            self.state["best"], self.state["bad_evals"] = value, 0
+            self.state.update(best=value, best_step=step, bad_evals=0)
+            if self._keeps_best():
+                self._save_best(step, es.metric, value)
         else:
             self.state["bad_evals"] += 1
-        if self.state["bad_evals"] >= es.patience:
-            self.acc.print(f"early stopping: {es.metric} has not improved for {es.patience} evals")
+        if not final and self.state["bad_evals"] >= es.patience:
+            self.acc.print(
+                f"early stopping: {es.metric} has not improved for {es.patience} evals "
+                f"(best {self.state['best']:.6g} at step {self.state['best_step']})"
+            )
             return True
         return False
+
+    def _keeps_best(self) -> bool:
+        es = self.recipe.train.early_stopping
+        return es is not None and es.restore_best and self.recipe.output.save_model
+
+    def _save_best(self, step: int, metric: str, value: float) -> None:
+        """Write the model as RUN/best (whole or not at all: a temp folder, then renames)."""
+        tmp, best = self.run_dir / ".best-tmp", self.run_dir / BEST
+        if self.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.acc.wait_for_everyone()
+        self._save_model(tmp)
+        if self.main:
+            info = {"step": step, "metric": metric, "value": value}
+            (tmp / "best.json").write_text(json.dumps(info, indent=2) + "\n")
+            old = self.run_dir / ".best-old"
+            if best.exists():
+                best.rename(old)
+            tmp.rename(best)
+            shutil.rmtree(old, ignore_errors=True)
+        self.acc.wait_for_everyone()
+
+    def _check_best_on_resume(self) -> None:
+        """The best model saved before the checkpoint must still be RUN/best: a later best of
+        an abandoned timeline may have replaced it. Then the tracking starts over."""
+        step = self.state.get("best_step")
+        if not self._keeps_best() or step is None:
+            return
+        info = self.run_dir / BEST / "best.json"
+        saved = json.loads(info.read_text()).get("step") if info.is_file() else None
+        if saved != step:
+            self.acc.print(
+                f"note: the best model of step {step} is no longer in {self.run_dir / BEST}; "
+                "best-model tracking starts over from the next eval"
+            )
+            self.state.update(best=None, best_step=None, bad_evals=0)
 
     # -- saving --------------------------------------------------------------------------
     def _save_checkpoint(self) -> None:
@@ -507,8 +593,7 @@ class Trainer:
         )
         self.acc.print(f"\ncheckpoint: {path}")
 
-    def _save_final(self) -> None:
-        out = self.run_dir / "model"
+    def _save_model(self, out: Path) -> None:
         model, state_dict = self.acc.unwrap_model(self.model), self.acc.get_state_dict(self.model)
         save_model(
             model,
@@ -520,11 +605,41 @@ class Trainer:
         )
         self.acc.wait_for_everyone()
 
+    def _save_final(self) -> dict[str, Any] | None:
+        """RUN/model: the best evaluated model when early stopping restores it, else the
+        last one. Returns what was restored ({step, metric, value}) or None."""
+        out, best = self.run_dir / "model", self.run_dir / BEST
+        restored = None
+        if self._keeps_best() and (best / "best.json").is_file():
+            restored = json.loads((best / "best.json").read_text())
+        if restored is None:
+            self._save_model(out)
+            return None
+        if self.main:
+            shutil.rmtree(out, ignore_errors=True)
+            (best / "best.json").unlink()
+            best.rename(out)
+            self.acc.print(
+                f"model/: the best model, step {restored['step']} "
+                f"({restored['metric']} {restored['value']:.6g})"
+            )
+        self.acc.wait_for_everyone()
+        return restored
+
     def _finish(
-        self, status: str, train_time: float, throughput: dict[str, float]
+        self,
+        status: str,
+        train_time: float,
+        throughput: dict[str, float],
+        restored: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         records = self.metrics.records
         train_recs = [r for r in records if r.get("kind") == "train"]
+        evals = [r for r in records if r.get("kind") == "eval"]
+        # final_eval describes the saved model: the restored best one, or the last
+        final = self._last_eval()
+        if restored is not None:
+            final = next((r for r in evals if r["step"] == restored["step"]), final)
         summary = {
             "status": status,
             "task": self.recipe.task,
@@ -532,8 +647,20 @@ class Trainer:
             "total_steps": self.sched.total_steps,
             "epochs": round(self.state["step"] / self.sched.steps_per_epoch, 4),
             "final_train_loss": train_recs[-1]["loss"] if train_recs else None,
-            "final_eval": {k: v for k, v in (self._last_eval() or {}).items() if k != "kind"}
+            "final_eval": {k: v for k, v in (final or {}).items() if k != "kind"} or None,
+            "last_eval": {k: v for k, v in (self._last_eval() or {}).items() if k != "kind"}
             or None,
+            "best": (
+                {
+                    "metric": self.recipe.train.early_stopping.metric,
+                    "value": self.state["best"],
+                    "step": self.state["best_step"],
+                    "model_is_best": restored is not None,
+                }
+                if self.recipe.train.early_stopping is not None
+                else None
+            ),
+            "dropout_overrides": self.dropout_keys,
             "wall_time_s": round(time.time() - self.wall_start, 2),
             "train_time_s": round(train_time, 2),
             "tokens_seen": self.state["tokens"],

@@ -27,6 +27,8 @@ RUN_FILES = (
     report.PLOT,
     "checkpoints",
     "model",
+    "best",
+    ".best-tmp",
     "trackers",
 )
 # what only training leaves: recipe.yaml alone (written by `ftl slurm` before the job

@@ -177,3 +177,113 @@ def chat_rows(n: int, seed: int = 0) -> list[dict]:
             }
         )
     return rows
+
+
+def make_wordpiece_tokenizer(out: Path, words: list[str]) -> None:
+    """A BERT-style WordPiece tokenizer: [CLS] ... [SEP], words split into pieces."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=False)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    # a small vocabulary: longer words break into several pieces, as in real NER data
+    tok.train_from_iterator(
+        [" ".join(words)] * 3, trainers.WordPieceTrainer(vocab_size=120, special_tokens=specials)
+    )
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", 2), ("[SEP]", 3)],
+    )
+    from tokenizers import decoders
+
+    tok.decoder = decoders.WordPiece()
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    ).save_pretrained(out)
+
+
+def make_bert_wordpiece(out: Path, words: list[str], **sizes: int) -> None:
+    """A tiny BERT encoder with a WordPiece tokenizer over `words`."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    make_wordpiece_tokenizer(out, words)
+    tok = AutoTokenizer.from_pretrained(out)
+    torch.manual_seed(0)
+    shape = dict(
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+    )
+    BertModel(
+        BertConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, **{**shape, **sizes})
+    ).save_pretrained(out)
+
+
+def make_word_tokenizer(out: Path, words: list[str]) -> None:
+    """A word-level tokenizer for seq2seq tests: pad 0, eos 1, unk 2; EOS appended."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>", *sorted(set(words))])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", 1)]
+    )
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(out)
+
+
+def make_seq2seq(out: Path, family: str, words: list[str], d_model: int = 64) -> None:
+    """A tiny random T5, BART or Marian and its word-level tokenizer."""
+    import torch
+    import transformers as tf
+
+    make_word_tokenizer(out, words)
+    n = len(tf.AutoTokenizer.from_pretrained(out))
+    torch.manual_seed(0)
+    ids = dict(pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    if family == "t5":
+        cfg = tf.T5Config(
+            vocab_size=n,
+            d_model=d_model,
+            d_kv=d_model // 4,
+            d_ff=2 * d_model,
+            num_layers=2,
+            num_heads=4,
+            **ids,
+        )
+        model = tf.T5ForConditionalGeneration(cfg)
+    else:
+        shape = dict(
+            vocab_size=n,
+            d_model=d_model,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=2 * d_model,
+            decoder_ffn_dim=2 * d_model,
+            max_position_embeddings=64,
+            bos_token_id=0,
+            forced_eos_token_id=1,
+            **ids,
+        )
+        if family == "bart":
+            model = tf.BartForConditionalGeneration(tf.BartConfig(**shape))
+        else:
+            model = tf.MarianMTModel(tf.MarianConfig(**shape))
+    model.save_pretrained(out)

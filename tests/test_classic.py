@@ -1,0 +1,413 @@
+"""The classic tasks on tiny models built here: NER, seq2seq, multi-label, regression,
+and the overfitting controls (early stopping that restores the best model, label
+smoothing, dropout overrides)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import make_tiny
+import pytest
+import torch
+
+from launcher.recipe import load_recipe
+from launcher.train.loop import Trainer
+from launcher.train.metrics import entities, entity_scores
+
+FILLER = [
+    "we",
+    "met",
+    "in",
+    "at",
+    "with",
+    "and",
+    "then",
+    "saw",
+    "visited",
+    "from",
+    "the",
+    "today",
+    "near",
+]
+PER = [["alexandra"], ["bartholomew"], ["maria", "lopez"], ["jonathan", "smithers"]]
+LOC = [["amsterdam"], ["winchester"], ["new", "york"], ["buenos", "aires"]]
+ORG = [["globex"], ["initech", "systems"]]
+
+
+def ner_rows(n: int, seed: int) -> list[dict]:
+    """Sentences of filler words with 1-3 entities, tagged BIO."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        tokens = [rng.choice(FILLER) for _ in range(rng.randint(2, 6))]
+        tags = ["O"] * len(tokens)
+        for _ in range(rng.randint(1, 3)):
+            kind, names = rng.choice([("PER", PER), ("LOC", LOC), ("ORG", ORG)])
+            name = rng.choice(names)
+            at = rng.randrange(len(tokens) + 1)
+            tokens[at:at] = name
+            tags[at:at] = [f"B-{kind}"] + [f"I-{kind}"] * (len(name) - 1)
+        rows.append({"tokens": tokens, "tags": tags})
+    return rows
+
+
+def write_conll(path: Path, rows: list[dict]) -> Path:
+    lines = ["-DOCSTART- -X- O O", ""]
+    for r in rows:
+        lines += [f"{w} NN O {t}" for w, t in zip(r["tokens"], r["tags"], strict=True)] + [""]
+    path.write_text("\n".join(lines))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ner_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ner")
+    words = FILLER + [w for group in (PER, LOC, ORG) for name in group for w in name]
+    make_tiny.make_bert_wordpiece(root / "bert", words)
+    write_conll(root / "train.conll", ner_rows(600, 0))
+    make_tiny.write_jsonl(root / "eval.jsonl", ner_rows(80, 1))
+    return root
+
+
+def ner_recipe(root: Path, tmp_path: Path, extra: str = "") -> Path:
+    path = tmp_path / "ner.yaml"
+    path.write_text(
+        f"""\
+task: token_classification
+model: {{name_or_path: {root / "bert"}}}
+data:
+  format: token_tags
+  train: {root / "train.conll"}
+  eval: {root / "eval.jsonl"}
+  max_length: 48
+train: {{max_steps: 120, micro_batch_size: 16, lr: 3.0e-3, eval_every: 60, log_every: 20}}
+output: {{dir: {tmp_path / "run"}}}
+{extra}"""
+    )
+    return path
+
+
+def test_entity_scores_equal_seqeval():
+    """Our conlleval chunking against seqeval's, on random (often ill-formed) BIO tags."""
+    from seqeval.metrics import f1_score, precision_score, recall_score
+
+    rng = random.Random(0)
+    tags = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
+    true = [[rng.choice(tags) for _ in range(rng.randint(1, 12))] for _ in range(300)]
+    pred = [[t if rng.random() < 0.7 else rng.choice(tags) for t in s] for s in true]
+    ours = entity_scores(true, pred)
+    assert ours["entity_f1"] == pytest.approx(f1_score(true, pred), abs=1e-12)
+    assert ours["entity_precision"] == pytest.approx(precision_score(true, pred), abs=1e-12)
+    assert ours["entity_recall"] == pytest.approx(recall_score(true, pred), abs=1e-12)
+    assert entities(["B-PER", "I-PER", "O", "I-LOC", "B-LOC"]) == {
+        ("PER", 0, 1),
+        ("LOC", 3, 3),
+        ("LOC", 4, 4),
+    }
+
+
+def test_ner_learns_the_tagging_rule(ner_setup, tmp_path):
+    trainer = Trainer(load_recipe(ner_recipe(ner_setup, tmp_path)))
+    summary = trainer.fit()
+    final = summary["final_eval"]
+    assert final["entity_f1"] >= 0.9, final
+    assert trainer.data.labels == ["O", "B-LOC", "B-ORG", "B-PER", "I-LOC", "I-ORG", "I-PER"]
+
+    # labels sit on the first sub-token of each word only: one per word of the row
+    tok = trainer.tokenizer
+    first_row = ner_rows(600, 0)[0]
+    labelled = [x for x in trainer.data.train[0]["labels"] if x != -100]
+    assert [trainer.data.labels[x] for x in labelled] == first_row["tags"]
+    words = ["we", "met", "bartholomew", "in", "buenos", "aires"]
+    enc = tok(words, is_split_into_words=True)
+    assert len(enc["input_ids"]) > len(words) + 2  # some words were split into pieces
+
+    from transformers import AutoModelForTokenClassification
+
+    model = AutoModelForTokenClassification.from_pretrained(tmp_path / "run" / "model").eval()
+    with torch.no_grad():
+        pred = model(**tok([words], is_split_into_words=True, return_tensors="pt")).logits[0]
+    first = {}
+    for i, w in enumerate(enc.word_ids()):
+        if w is not None and w not in first:
+            first[w] = model.config.id2label[int(pred[i].argmax())]
+    assert [first[i] for i in range(len(words))] == ["O", "O", "B-PER", "O", "B-LOC", "I-LOC"]
+
+
+def test_seq2seq_learns_a_word_mapping_to_bleu_80(tmp_path):
+    en = [
+        "red",
+        "blue",
+        "green",
+        "cat",
+        "dog",
+        "bird",
+        "sat",
+        "ran",
+        "flew",
+        "on",
+        "under",
+        "the",
+        "big",
+        "small",
+    ]
+    de = [
+        "rot",
+        "blau",
+        "gruen",
+        "katze",
+        "hund",
+        "vogel",
+        "sass",
+        "lief",
+        "flog",
+        "auf",
+        "unter",
+        "der",
+        "gross",
+        "klein",
+    ]
+    lex = dict(zip(en, de, strict=True))
+
+    def rows(n, seed):
+        rng = random.Random(seed)
+        out = []
+        for _ in range(n):
+            src = [rng.choice(en) for _ in range(rng.randint(2, 8))]
+            out.append({"en": " ".join(src), "de": " ".join(lex[w] for w in src)})
+        return out
+
+    make_tiny.make_seq2seq(tmp_path / "bart", "bart", en + de, d_model=128)
+    make_tiny.write_jsonl(tmp_path / "train.jsonl", rows(800, 0))
+    make_tiny.write_jsonl(tmp_path / "eval.jsonl", rows(48, 1))
+    recipe = tmp_path / "mt.yaml"
+    recipe.write_text(
+        f"""\
+task: seq2seq
+model: {{name_or_path: {tmp_path / "bart"}}}
+data:
+  format: translation
+  train: {tmp_path / "train.jsonl"}
+  eval: {tmp_path / "eval.jsonl"}
+  source_field: en
+  target_field: de
+  max_length: 32
+  max_target_length: 16
+train:
+  max_steps: 300
+  micro_batch_size: 16
+  lr: 1.0e-3
+  scheduler: constant
+  eval_every: 150
+  log_every: 50
+  early_stopping: {{metric: bleu, patience: 5}}
+output: {{dir: {tmp_path / "run"}}}
+"""
+    )
+    summary = Trainer(load_recipe(recipe)).fit()
+    assert summary["final_eval"]["bleu"] >= 80, summary["final_eval"]
+    assert summary["final_eval"]["chrf"] >= 80
+    assert summary["best"]["metric"] == "bleu" and summary["best"]["model_is_best"]
+
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "run" / "model").eval()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "run" / "model")
+    out = model.generate(**tok(["the big dog ran under the cat"], return_tensors="pt"))
+    assert tok.decode(out[0], skip_special_tokens=True).split() == (
+        ["der", "gross", "hund", "lief", "unter", "der", "katze"]
+    )
+
+
+@pytest.mark.parametrize("family", ["t5", "marian"])
+def test_seq2seq_families_train_with_lora_and_generate(family, tmp_path):
+    """T5 (relative positions, prefix) and Marian (sinusoidal) with LoRA: the eval
+    generates, BLEU and chrF are reported, the adapter reloads with PEFT."""
+    words = ["a", "b", "c", "d", "e", "f", "g", "h"]
+    rows = [{"source": "a b c", "target": "e f g"}, {"source": "b c d", "target": "f g h"}] * 8
+    make_tiny.make_seq2seq(tmp_path / family, family, words)
+    make_tiny.write_jsonl(tmp_path / "d.jsonl", rows)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"""\
+task: seq2seq
+model: {{name_or_path: {tmp_path / family}}}
+data: {{format: translation, train: {tmp_path / "d.jsonl"}, eval: {tmp_path / "d.jsonl"},
+        source_prefix: "a ", max_length: 16, max_target_length: 8}}
+adapter: {{type: lora, r: 4, alpha: 8}}
+train: {{max_steps: 4, micro_batch_size: 8, lr: 1.0e-2, eval_every: 4,
+         generation: {{max_new_tokens: 5, num_beams: 2}}}}
+output: {{dir: {tmp_path / "run"}}}
+"""
+    )
+    trainer = Trainer(load_recipe(recipe))
+    summary = trainer.fit()
+    final = summary["final_eval"]
+    assert {"bleu", "chrf", "eval_loss", "perplexity"} <= set(final)
+    assert trainer.data.train[0]["input_ids"][:2] == trainer.tokenizer("a a")["input_ids"][:2]
+    assert trainer.data.train[0]["labels"][-1] == trainer.tokenizer.eos_token_id
+    config = json.loads((tmp_path / "run" / "model" / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_2_SEQ_LM"
+
+    from peft import PeftModel
+    from transformers import AutoModelForSeq2SeqLM
+
+    base = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / family)
+    model = PeftModel.from_pretrained(base, tmp_path / "run" / "model").eval()
+    batch = trainer.tokenizer(["a a b c"], return_tensors="pt")
+    trained = trainer.acc.unwrap_model(trainer.model).eval()
+    with torch.no_grad():
+        labels = torch.tensor([[4, 5, 1]])
+        assert torch.allclose(
+            model(**batch, labels=labels).logits, trained(**batch, labels=labels).logits, atol=1e-5
+        )
+
+
+def _cls_recipe(tmp_path: Path, tiny_bert: Path, task: str, rows: list[dict], extra: str) -> Path:
+    make_tiny.write_jsonl(tmp_path / "train.jsonl", rows[: int(len(rows) * 0.8)])
+    make_tiny.write_jsonl(tmp_path / "eval.jsonl", rows[int(len(rows) * 0.8) :])
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        f"""\
+task: {task}
+model: {{name_or_path: {tiny_bert}}}
+data: {{format: text_classification, train: {tmp_path / "train.jsonl"},
+        eval: {tmp_path / "eval.jsonl"}, max_length: 32}}
+train: {{epochs: 12, micro_batch_size: 16, lr: 3.0e-3, eval_every: 1000, log_every: 10}}
+output: {{dir: {tmp_path / "run"}}}
+{extra}"""
+    )
+    return path
+
+
+def test_multi_label_head_trains_with_bce(tmp_path, tiny_bert):
+    rng = random.Random(0)
+    rows = []
+    for _ in range(300):
+        words = [rng.choice(make_tiny.WORDS[18:30]) for _ in range(rng.randint(3, 6))]
+        words += rng.sample(["cat", "dog", "red", "blue"], rng.randint(0, 2))
+        rng.shuffle(words)
+        labels = [k for k, ws in (("animal", ("cat", "dog")), ("color", ("red", "blue")))]
+        labels = [
+            k
+            for k in labels
+            if any(w in words for w in dict(animal=("cat", "dog"), color=("red", "blue"))[k])
+        ]
+        rows.append({"text": " ".join(words), "label": labels})
+    trainer = Trainer(
+        load_recipe(_cls_recipe(tmp_path, tiny_bert, "multi_label_classification", rows, ""))
+    )
+    summary = trainer.fit()
+    final = summary["final_eval"]
+    assert final["micro_f1"] >= 0.9 and final["subset_accuracy"] >= 0.8, final
+    model = trainer.acc.unwrap_model(trainer.model)
+    assert model.config.problem_type == "multi_label_classification"
+    assert model.config.id2label == {0: "animal", 1: "color"}
+
+    # the eval loss is the head's own BCE loss
+    batch = next(iter(trainer.eval_loader))
+    model.eval()
+    with torch.no_grad():
+        out = model(**batch)
+    ref = torch.nn.functional.binary_cross_entropy_with_logits(out.logits, batch["labels"])
+    assert out.loss.item() == pytest.approx(ref.item(), abs=1e-6)
+
+
+def test_regression_head_trains_with_mse(tmp_path, tiny_bert):
+    rng = random.Random(0)
+    rows = []
+    for _ in range(300):
+        good = rng.randint(0, 3)
+        words = ["good"] * good + [rng.choice(make_tiny.WORDS[18:30]) for _ in range(4 - good)]
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "label": good / 3})
+    trainer = Trainer(
+        load_recipe(_cls_recipe(tmp_path, tiny_bert, "sequence_regression", rows, ""))
+    )
+    summary = trainer.fit()
+    final = summary["final_eval"]
+    assert final["pearson"] >= 0.9 and final["rmse"] < 0.15, final
+    assert final["eval_loss"] == pytest.approx(final["mse"], rel=1e-6)
+    model = trainer.acc.unwrap_model(trainer.model)
+    assert model.config.num_labels == 1 and model.config.problem_type == "regression"
+
+
+def test_early_stopping_stops_and_restores_the_best_model(cls_recipe, cls_data, tmp_path):
+    """Eval labels are the train labels flipped: the eval metric is best after the first
+    step and only gets worse, so the run stops after `patience` evals and model/ must be
+    the step-1 weights (checked against a run that stops at step 1 by itself)."""
+    flipped = tmp_path / "flipped.jsonl"
+    rows = [json.loads(line) for line in Path(cls_data["train"]).read_text().splitlines()]
+    make_tiny.write_jsonl(
+        flipped, [{**r, "label": "neg" if r["label"] == "pos" else "pos"} for r in rows[:32]]
+    )
+    common = [
+        f"data.eval={flipped}",
+        "train.scheduler=constant",
+        "train.lr=5e-3",
+        "train.max_steps=20",
+        "train.eval_every=1",
+    ]
+    summary = Trainer(
+        load_recipe(
+            cls_recipe,
+            [
+                *common,
+                "train.early_stopping={metric: accuracy, patience: 2}",
+                f"output.dir={tmp_path / 'es'}",
+            ],
+        )
+    ).fit()
+    assert summary["status"] == "early_stopped" and summary["steps"] < 20
+    assert (
+        summary["best"]["model_is_best"]
+        and summary["best"]["step"] == summary["final_eval"]["step"]
+    )
+    assert summary["last_eval"]["step"] == summary["steps"] > summary["best"]["step"]
+    assert not (tmp_path / "es" / "best").exists()
+
+    best_step = summary["best"]["step"]
+    Trainer(
+        load_recipe(
+            cls_recipe, [*common, f"train.max_steps={best_step}", f"output.dir={tmp_path / 'ref'}"]
+        )
+    ).fit()
+    from safetensors.torch import load_file
+
+    got = load_file(tmp_path / "es" / "model" / "model.safetensors")
+    ref = load_file(tmp_path / "ref" / "model" / "model.safetensors")
+    assert got.keys() == ref.keys()
+    assert all(torch.equal(got[k], ref[k]) for k in got)
+
+
+def test_label_smoothing_and_dropout_override(cls_recipe, tmp_path):
+    from launcher.train.tasks import TASKS
+
+    trainer = Trainer(
+        load_recipe(
+            cls_recipe,
+            ["model.dropout=0.0", "train.label_smoothing=0.2", "train.max_steps=1"],
+        )
+    )
+    model = trainer.acc.unwrap_model(trainer.model)
+    assert model.config.hidden_dropout_prob == 0.0
+    assert model.config.attention_probs_dropout_prob == 0.0
+    assert all(m.p == 0.0 for m in model.modules() if hasattr(m, "p") and isinstance(m.p, float))
+    batch = next(iter(trainer._train_loader(0, 0)))
+    out = model(**batch)
+    task = TASKS["sequence_classification"]
+    plain = task.smoothed_loss(out, batch, 0.0)
+    assert plain.item() == pytest.approx(out.loss.item(), abs=1e-6)  # the head's own loss
+    smooth = task.smoothed_loss(out, batch, 0.2)
+    logp = out.logits.log_softmax(-1)
+    n = logp.shape[-1]
+    target = torch.full_like(logp, 0.2 / n).scatter(1, batch["labels"][:, None], 0.8 + 0.2 / n)
+    assert smooth.item() == pytest.approx(-(target * logp).sum(-1).mean().item(), abs=1e-6)
+    summary = trainer.fit()
+    assert set(summary["dropout_overrides"]) >= {
+        "hidden_dropout_prob",
+        "attention_probs_dropout_prob",
+        "classifier_dropout",
+    }
