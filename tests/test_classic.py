@@ -15,6 +15,7 @@ import torch
 from launcher.recipe import load_recipe
 from launcher.train.loop import Trainer
 from launcher.train.metrics import entities, entity_scores
+from launcher.train.tasks import TASKS
 
 FILLER = [
     "we",
@@ -411,3 +412,143 @@ def test_label_smoothing_and_dropout_override(cls_recipe, tmp_path):
         "attention_probs_dropout_prob",
         "classifier_dropout",
     }
+
+
+# -- bad input: one message naming file, line and key; exit 2; nothing written ----------
+
+
+def _user_error(capsys, recipe: Path, *overrides: str) -> str:
+    from launcher.cli.main import main
+
+    args = ["train", str(recipe)]
+    for o in overrides:
+        args += ["-o", o]
+    rc = main(args)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "Traceback" not in err
+    return err
+
+
+def test_ner_bad_rows(ner_setup, tmp_path, capsys):
+    recipe = ner_recipe(ner_setup, tmp_path)
+    bad = tmp_path / "bad.jsonl"
+    rows = ner_rows(6, 3)
+    rows[3] = {"tokens": ["we", "met", "globex"], "tags": ["O", "B-ORG"]}
+    make_tiny.write_jsonl(bad, rows)
+    err = _user_error(capsys, recipe, f"data.train={bad}")
+    assert f"{bad}:4" in err and "3 tokens but 2 tags" in err and "on_bad_row" in err
+
+    # a tag the model was not built with (only seen in eval)
+    rows[3] = {"tokens": ["we", "met", "globex"], "tags": ["O", "O", "B-MISC"]}
+    make_tiny.write_jsonl(bad, rows)
+    err = _user_error(capsys, recipe, f"data.eval={bad}")
+    assert f"{bad}:4" in err and "B-MISC" in err and "data.labels" in err
+
+    conll = tmp_path / "bad.conll"
+    conll.write_text("we O\nmet O\nglobex\n\n")
+    err = _user_error(capsys, recipe, f"data.train={conll}")
+    assert f"{conll}:3" in err and "a word and a tag" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_too_long_policy_error_drop_truncate(ner_setup, tmp_path, capsys):
+    recipe = ner_recipe(ner_setup, tmp_path)
+    rows = ner_rows(40, 5)
+    rows[7] = {"tokens": ["bartholomew"] * 20, "tags": ["B-PER"] * 20}
+    data = make_tiny.write_jsonl(tmp_path / "long.jsonl", rows)
+    common = [f"data.train={data}", f"data.eval={data}", "data.max_length=48"]
+    err = _user_error(capsys, recipe, *common, "data.too_long=error")
+    assert f"{data}:8" in err and "longer than data.max_length=48" in err
+    assert not (tmp_path / "run").exists()
+
+    # counted over train and eval (the same file here)
+    for policy, kept, truncated, dropped in (("drop", 39, 0, 2), ("truncate", 40, 2, 0)):
+        trainer = Trainer(
+            load_recipe(
+                recipe,
+                [
+                    *common,
+                    f"data.too_long={policy}",
+                    "train.max_steps=1",
+                    f"output.dir={tmp_path / policy}",
+                ],
+            )
+        )
+        stats = trainer.data.stats
+        assert (stats["train_examples"], stats["truncated"], stats["dropped_too_long"]) == (
+            kept,
+            truncated,
+            dropped,
+        )
+        assert max(len(e["input_ids"]) for e in trainer.data.train) <= 48
+        trainer.stop.uninstall()
+
+
+def test_max_length_beyond_the_position_table(ner_setup, tmp_path, capsys):
+    err = _user_error(capsys, ner_recipe(ner_setup, tmp_path), "data.max_length=100")
+    assert "data.max_length=100" in err and "only 64 positions" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_seq2seq_empty_target_and_long_target(tmp_path, capsys):
+    make_tiny.make_seq2seq(tmp_path / "t5", "t5", ["a", "b", "c"])
+    rows = [{"source": "a b", "target": "b c"}] * 4 + [{"source": "a", "target": "  "}]
+    data = make_tiny.write_jsonl(tmp_path / "d.jsonl", rows)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"""\
+task: seq2seq
+model: {{name_or_path: {tmp_path / "t5"}}}
+data: {{format: translation, train: {data}, max_target_length: 4}}
+train: {{max_steps: 1}}
+output: {{dir: {tmp_path / "run"}}}
+"""
+    )
+    err = _user_error(capsys, recipe)
+    assert f"{data}:5" in err and "field 'target' must be a non-empty str" in err
+    rows[4] = {"source": "a", "target": "a b c a b c"}
+    make_tiny.write_jsonl(data, rows)
+    err = _user_error(capsys, recipe, "data.too_long=error")
+    assert f"{data}:5" in err and "the target is 7 tokens" in err
+    assert "data.max_target_length=4" in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "task, override, key, needle",
+    [
+        ("sequence_regression", "train.label_smoothing=0.1", "train.label_smoothing", "smooth"),
+        ("sequence_regression", "data.labels=[a, b]", "data.labels", "a number"),
+        ("token_classification", "train.generation.num_beams=4", "train.generation", "generate"),
+        ("seq2seq", "train.early_stopping={metric: f1}", "train.early_stopping.metric", "bleu"),
+        ("seq2seq", "data.format=chat", "data.format", "translation"),
+    ],
+)
+def test_recipe_rules_of_the_tasks(tmp_path, capsys, task, override, key, needle):
+    from launcher.cli.main import main
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"task: {task}\nmodel: {{name_or_path: x}}\n"
+        f"data: {{format: {TASKS[task].formats[0]}, train: x.jsonl, eval: y.jsonl}}\n"
+        "train: {eval_every: 5}\noutput: {dir: out}\n"
+    )
+    rc = main(["validate", str(recipe), "-o", override])
+    err = capsys.readouterr().err
+    assert rc == 2 and key in err and needle in err, err
+
+
+def test_dropout_override_on_a_decoder_sets_its_attention_dropout(tmp_path, tiny_llama, chat_data, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"""\
+model: {{name_or_path: {tiny_llama}, dropout: 0.1}}
+data: {{format: chat, train: {chat_data["train"]}, max_length: 64}}
+output: {{dir: {tmp_path / "run"}}}
+"""
+    )
+    # Llama's config has attention_dropout: the override applies
+    trainer = Trainer(load_recipe(recipe, ["train.max_steps=1"]))
+    assert trainer.dropout_keys == ["attention_dropout"]
+    trainer.stop.uninstall()
