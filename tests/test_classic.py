@@ -539,7 +539,9 @@ def test_recipe_rules_of_the_tasks(tmp_path, capsys, task, override, key, needle
     assert rc == 2 and key in err and needle in err, err
 
 
-def test_dropout_override_on_a_decoder_sets_its_attention_dropout(tmp_path, tiny_llama, chat_data, capsys):
+def test_dropout_override_on_a_decoder_sets_its_attention_dropout(
+    tmp_path, tiny_llama, chat_data, capsys
+):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         f"""\

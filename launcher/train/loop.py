@@ -164,6 +164,8 @@ class Trainer:
         self.rss_mb["after_model"] = report.rss_now_mb()
         if self.task.name != "causal_lm":  # encoders have a fixed position table
             check_max_length(model, r.data.max_length)
+        if self.task.label_kind == "target":  # so may the decoder
+            check_max_length(model, r.data.max_target_length, "data.max_target_length")
         self.quant = describe_quantization(model)
         if self.quant:
             self.acc.print(
