@@ -84,3 +84,26 @@ def test_smollm2_lora_lowers_eval_loss(tmp_path):
     ]
     assert evals[0]["step"] == 0  # the untouched model: the baseline to beat
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.1, evals
+
+
+@pytest.mark.slow
+@needs_demo
+def test_ner_demo_on_bbc_sentences(tmp_path):
+    """The NER CPU demo (real MiniLM, real BBC sentences, silver tags): opt-in, ~3 min."""
+    data = tmp_path / "bbc-ner"
+    subprocess.run([sys.executable, "tools/make_ner_demo.py", str(data)], check=True)
+    run = tmp_path / "ner"
+    overrides = [f"output.dir={run}", f"data.train={data / 'train.conll'}"]
+    overrides.append(f"data.eval={data / 'eval.jsonl'}")
+    assert (
+        main(
+            [
+                "train",
+                "recipes/classic/demo-ner-minilm.yaml",
+                *(a for o in overrides for a in ("-o", o)),
+            ]
+        )
+        == 0
+    )
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["final_eval"]["entity_f1"] >= 0.9, summary["final_eval"]
