@@ -159,6 +159,12 @@ def _task_settings(r: Recipe) -> Iterator[Hit]:
             f"task '{r.task}' does not generate text in its evals",
             "remove train.generation (it sets seq2seq eval generation)",
         )
+    if r.data.packing and task.name != "causal_lm":
+        yield (
+            "data.packing",
+            f"packing joins causal-LM examples; task '{r.task}' has one label per example",
+            "remove data.packing",
+        )
     if task.label_kind == "score" and r.data.labels is not None:
         yield (
             "data.labels",

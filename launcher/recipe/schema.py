@@ -102,6 +102,12 @@ class DataCfg(Section):
         "dropped and counted, or reported as an error with its line",
     )
     on_bad_row: Literal["error", "skip"] = "error"
+    packing: bool = Field(
+        False,
+        description="causal_lm: pack several examples into each row of max_length tokens "
+        "(best-fit decreasing; position ids restart per example, no attention across "
+        "examples); micro_batch_size then counts rows",
+    )
     max_samples: PosInt | None = None
     # field names inside each row
     text_field: str = "text"

@@ -144,6 +144,15 @@ class Trainer:
 
         self.tokenizer = load_tokenizer(r.model, needs_eos=self.task.needs_eos)
         self.data: Datasets = load_datasets(r.data, self.tokenizer, label_kind=self.task.label_kind)
+        if r.data.packing:
+            from launcher.data.pack import pack
+
+            self.data.train, packing = pack(self.data.train, r.data.max_length)
+            self.data.stats.update(packing)
+            self.acc.print(
+                f"packing: {packing['packed_examples']} examples in {packing['packed_rows']} "
+                f"rows of {r.data.max_length} tokens ({packing['packing_efficiency']:.1%} full)"
+            )
         self.sched: Schedule = schedule(t, len(self.data.train), self.acc.num_processes)
         self.acc.gradient_accumulation_steps = self.sched.grad_accum
         self.acc.print(f"{self.strategy.name}: {self.sched.accounting()}")
@@ -283,6 +292,10 @@ class Trainer:
 
     # -- data ----------------------------------------------------------------------------
     def _collate(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
+        if "position_ids" in batch[0]:
+            from launcher.data.pack import collate_packed
+
+            return collate_packed(batch, self.tokenizer.pad_token_id)
         return collate(batch, self.tokenizer.pad_token_id, label_kind=self.task.label_kind)
 
     def _train_loader(self, epoch: int, skip_per_process: int) -> Any:
@@ -337,6 +350,7 @@ class Trainer:
                 skip = (st["step"] - epoch * s.steps_per_epoch) * s.grad_accum
                 group_loss, group_n = torch.zeros((), device=self.acc.device), 0
                 for batch in self._train_loader(epoch, skip):
+                    tokens, samples = _counts(batch)
                     with self.acc.accumulate(self.model):
                         out = self.model(**batch)
                         task_loss = (
@@ -347,8 +361,8 @@ class Trainer:
                         loss = task_loss if self.l2sp is None else task_loss + self.l2sp.penalty()
                         group_loss += task_loss.detach()
                         group_n += 1
-                        st["window_tokens"] += int(batch["attention_mask"].sum())
-                        st["window_samples"] += batch["input_ids"].shape[0]
+                        st["window_tokens"] += tokens
+                        st["window_samples"] += samples
                         if self.acc.sync_gradients:
                             # checked before the last backward: DeepSpeed applies the update
                             # inside it, and a non-finite step must never reach the weights
@@ -690,6 +704,14 @@ class Trainer:
         self.acc.wait_for_everyone()
         self.acc.end_training()
         return summary
+
+
+def _counts(batch: dict[str, Any]) -> tuple[int, int]:
+    """(real tokens, examples) of a micro-batch; packed batches bring their own counts,
+    which leave the batch here (the model must not see them)."""
+    if "_tokens" in batch:
+        return int(batch.pop("_tokens")), int(batch.pop("_samples"))
+    return int(batch["attention_mask"].sum()), batch["input_ids"].shape[0]
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
