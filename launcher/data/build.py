@@ -91,7 +91,9 @@ def _tokenize(
     return out
 
 
-def load_datasets(cfg: DataCfg, tokenizer: Any, *, label_kind: str = "tokens") -> Datasets:
+def load_datasets(
+    cfg: DataCfg, tokenizer: Any, *, label_kind: str = "tokens", images: bool = False
+) -> Datasets:
     """Read, split and tokenize the recipe's data; every bad row is reported or counted.
 
     `label_kind` is the task's (see `launcher.train.tasks.Task.label_kind`); token
@@ -105,6 +107,7 @@ def load_datasets(cfg: DataCfg, tokenizer: Any, *, label_kind: str = "tokens") -
         label_field=cfg.label_field,
         tokens_field=cfg.tokens_field,
         tags_field=cfg.tags_field,
+        image_field=cfg.image_field if images else None,
     )
     train_rows = read_rows(resolve_path(cfg.train, base=Path.cwd()), key="data.train", **read)
     if cfg.eval is not None:
@@ -156,6 +159,7 @@ def load_datasets(cfg: DataCfg, tokenizer: Any, *, label_kind: str = "tokens") -
         target_field=cfg.target_field,
         source_prefix=cfg.source_prefix,
         max_target_length=cfg.max_target_length,
+        image_field=cfg.image_field,
     )
     train = _tokenize(train_rows, ctx, cfg.format, cfg, "data.train", bad)
     evals = _tokenize(eval_rows, ctx, cfg.format, cfg, "data.eval", bad)

@@ -49,6 +49,7 @@ class FormatContext:
     target_field: str = "target"
     source_prefix: str = ""
     max_target_length: int = 128
+    image_field: str = "image"
     stats: dict[str, int] = field(default_factory=lambda: {"truncated": 0, "dropped_too_long": 0})
 
     def over(self, n: int, limit: int, what: str, key: str) -> bool:
@@ -306,6 +307,13 @@ def translation(row: dict[str, Any], ctx: FormatContext) -> dict[str, Any]:
     return {"input_ids": ids, "labels": labels}
 
 
+def image_classification(row: dict[str, Any], ctx: FormatContext) -> dict[str, Any]:
+    """image path + label (see launcher.data.images, which imports PIL only when used)."""
+    from launcher.data.images import image_classification as fn
+
+    return fn(row, ctx)
+
+
 FORMATS: dict[str, Callable[[dict[str, Any], FormatContext], dict[str, Any]]] = {
     "completion": completion,
     "alpaca": alpaca,
@@ -313,4 +321,5 @@ FORMATS: dict[str, Callable[[dict[str, Any], FormatContext], dict[str, Any]]] = 
     "text_classification": text_classification,
     "token_tags": token_tags,
     "translation": translation,
+    "image_classification": image_classification,
 }

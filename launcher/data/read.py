@@ -14,6 +14,7 @@ from typing import Any
 from launcher.errors import Problem, UserError
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".conll", ".iob", ".bio")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 CONLL = (".conll", ".iob", ".bio")
 
 
@@ -47,6 +48,7 @@ def read_rows(
     label_field: str = "label",
     tokens_field: str = "tokens",
     tags_field: str = "tags",
+    image_field: str | None = None,
 ) -> list[Row]:
     """All rows of `path`; malformed ones raise (`on_bad_row: error`) or are counted."""
     if not path.exists():
@@ -58,8 +60,17 @@ def read_rows(
             )
         )
     if path.is_dir():
+        if image_field is not None:
+            return _read_image_folders(path, key, image_field, label_field)
         return _read_label_folders(path, key, text_field, label_field)
     suffix = path.suffix.lower()
+    if image_field is not None and suffix in (".jsonl", ".json", ".csv", ".tsv"):
+        rows = read_rows(path, key=key, on_bad_row=on_bad_row, bad=bad, label_field=label_field)
+        for row in rows:  # image paths are relative to the data file's folder
+            value = row.data.get(image_field)
+            if isinstance(value, str) and value.strip() and not Path(value).is_absolute():
+                row.data[image_field] = str(path.parent / value)
+        return rows
     try:
         if suffix == ".jsonl":
             return _read_jsonl(path, key, on_bad_row, bad)
@@ -204,6 +215,32 @@ def _read_conll(
             words.append(cols[0])
             tags.append(cols[-1])
     flush()
+    return rows
+
+
+def _read_image_folders(path: Path, key: str, image_field: str, label_field: str) -> list[Row]:
+    """`path/<label>/*.png|jpg|...`: one image per file, the folder name is its label."""
+    rows, others = [], []
+    for label_dir in sorted(
+        p for p in path.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))
+    ):
+        for f in sorted(label_dir.iterdir()):
+            if not f.is_file() or f.name.startswith("."):
+                continue
+            if f.suffix.lower() in IMAGE_SUFFIXES:
+                rows.append(Row({image_field: str(f), label_field: label_dir.name}, str(f)))
+            else:
+                others.append(f)
+    if not rows:
+        found = f" (found other files, e.g. {others[0]})" if others else ""
+        raise UserError(
+            Problem(
+                f"no images in label folders under {path}{found}",
+                key=key,
+                hint="an image dataset is a folder with one sub-folder per label, holding "
+                f"{', '.join(IMAGE_SUFFIXES)} files; or a JSONL file with image and label fields",
+            )
+        )
     return rows
 
 

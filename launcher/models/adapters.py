@@ -41,6 +41,7 @@ def apply_adapter(
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     to_save = list(cfg.modules_to_save or [])
+    to_save += [m for m in task.head_modules if m not in to_save]
     tied = False
     if resized_embeddings:
         names = embedding_modules(model)
@@ -55,7 +56,7 @@ def apply_adapter(
         use_dora=cfg.type == "dora",
         use_rslora=cfg.rslora,
         ensure_weight_tying=tied,
-        task_type=task.peft_task_type,
+        task_type=task.peft_task_type or None,
     )
     try:
         return get_peft_model(model, config)

@@ -72,6 +72,23 @@ def load_tokenizer(cfg: ModelCfg, *, needs_eos: bool = False) -> Any:
     return tok
 
 
+def load_image_processor(cfg: ModelCfg) -> Any:
+    """The model's image processor (resize, rescale, normalise), in place of a tokenizer."""
+    from transformers import AutoImageProcessor
+
+    where = model_location(cfg)
+    try:
+        return AutoImageProcessor.from_pretrained(where, **_common(cfg))
+    except (OSError, ValueError) as e:
+        raise UserError(
+            Problem(
+                f"cannot load the image processor from {where}: {e}",
+                key="model.name_or_path",
+                hint="the model folder needs its preprocessor_config.json",
+            )
+        ) from None
+
+
 def fit_embeddings(model: Any, n_tokens: int) -> bool:
     """Grow the embeddings (and a tied or untied head) to `n_tokens`; True if they grew.
 
@@ -123,6 +140,10 @@ def build_model(
         kw.update(num_labels=1, id2label={0: "score"}, label2id={"score": 0})
     if task.problem_type:
         kw["problem_type"] = task.problem_type  # picks the head's loss: CE, BCE or MSE
+    if task.uses_labels or task.label_kind == "score":
+        # a checkpoint with a head of another size (ImageNet's 1000 classes, another
+        # label set) gets a new head of the right size instead of a load error
+        kw["ignore_mismatched_sizes"] = True
     dropout_keys = dropout_settings(cfg) if cfg.dropout is not None else []
     kw.update(dict.fromkeys(dropout_keys, cfg.dropout))
     if quant.bits is not None:
@@ -150,6 +171,7 @@ def build_model(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     new = set(info.get("missing_keys", []))
+    new |= {m[0] if isinstance(m, (tuple, list)) else m for m in info.get("mismatched_keys", [])}
     return model, new
 
 

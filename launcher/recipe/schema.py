@@ -89,6 +89,17 @@ class QuantCfg(Section):
     )
 
 
+class AugmentCfg(Section):
+    """Train-time image augmentation (evals see the plain images)."""
+
+    crop_scale: tuple[float, float] | None = Field(
+        None,
+        description="random resized crop: the area fraction range kept, e.g. [0.5, 1.0] "
+        "(aspect ratio 3/4 to 4/3); null: no crop",
+    )
+    hflip: bool = Field(False, description="flip half of the images left-right")
+
+
 class DataCfg(Section):
     format: FormatName = "completion"
     train: str = Field(description="JSONL/JSON/CSV file, or a folder of label folders")
@@ -115,6 +126,10 @@ class DataCfg(Section):
     messages_field: str = "messages"
     tokens_field: str = Field("tokens", description="token classification: the words")
     tags_field: str = Field("tags", description="token classification: one tag per word")
+    image_field: str = Field(
+        "image", description="image tasks: the image path (relative to the data file's folder)"
+    )
+    augment: AugmentCfg = AugmentCfg()
     source_field: str = Field("source", description="seq2seq: the input text")
     target_field: str = Field("target", description="seq2seq: the text to produce")
     source_prefix: str = Field(

@@ -13,6 +13,7 @@ the run folder until every check (recipe, data rows, model, adapter, resume) has
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -30,6 +31,7 @@ from launcher.models.build import (
     check_max_length,
     dropout_settings,
     fit_embeddings,
+    load_image_processor,
     load_tokenizer,
     save_model,
 )
@@ -142,8 +144,16 @@ class Trainer:
             self.acc, lambda: rundir.find_start(self.run_dir, resume, overwrite)
         )
 
-        self.tokenizer = load_tokenizer(r.model, needs_eos=self.task.needs_eos)
-        self.data: Datasets = load_datasets(r.data, self.tokenizer, label_kind=self.task.label_kind)
+        images = self.task.modality == "image"
+        # the tokenizer, or for an image model its image processor (saved with the model)
+        self.tokenizer = (
+            load_image_processor(r.model)
+            if images
+            else load_tokenizer(r.model, needs_eos=self.task.needs_eos)
+        )
+        self.data: Datasets = load_datasets(
+            r.data, self.tokenizer, label_kind=self.task.label_kind, images=images
+        )
         if r.data.packing:
             from launcher.data.pack import pack
 
@@ -166,7 +176,7 @@ class Trainer:
             r.quant,
             self.task,
             self.data.labels,
-            self.tokenizer.pad_token_id,
+            getattr(self.tokenizer, "pad_token_id", None),
             strategy=self.strategy,
             precision=t.precision,
         )
@@ -185,7 +195,7 @@ class Trainer:
             from launcher.models.fast_dropout import enable, swap_dropout
 
             enable(model)
-        resized = fit_embeddings(model, len(self.tokenizer))  # added tokens
+        resized = not images and fit_embeddings(model, len(self.tokenizer))  # added tokens
         pretrained = pretrained_parameters(model, new_params) if t.l2sp > 0 else []
         model = apply_adapter(
             model,
@@ -291,7 +301,22 @@ class Trainer:
         }
 
     # -- data ----------------------------------------------------------------------------
-    def _collate(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
+    def _collate(
+        self, batch: list[dict[str, Any]], *, train: bool = False, epoch: int = 0
+    ) -> dict[str, Any]:
+        if "image" in batch[0]:
+            from launcher.data.images import collate_images
+
+            aug = self.recipe.data.augment
+            return collate_images(
+                batch,
+                self.tokenizer,
+                train=train,
+                seed=self.recipe.train.seed,
+                epoch=epoch,
+                crop_scale=aug.crop_scale,
+                hflip=aug.hflip,
+            )
         if "position_ids" in batch[0]:
             from launcher.data.pack import collate_packed
 
@@ -310,7 +335,7 @@ class Trainer:
         dl = DataLoader(
             self.data.train,
             batch_sampler=batches[skip_per_process * self.acc.num_processes :],
-            collate_fn=self._collate,
+            collate_fn=functools.partial(self._collate, train=True, epoch=epoch),
             generator=torch.Generator(),
         )
         return self.acc.prepare_data_loader(dl)
@@ -320,7 +345,7 @@ class Trainer:
         from torch.utils.data import DataLoader
 
         ev = self.data.eval
-        longest_first = sorted(ev, key=lambda e: -len(e["input_ids"]))  # less padding
+        longest_first = sorted(ev, key=lambda e: -len(e.get("input_ids", ())))  # less padding
         dl = DataLoader(
             longest_first,
             batch_size=self.recipe.train.eval_batch_size or self.recipe.train.micro_batch_size,
@@ -459,7 +484,10 @@ class Trainer:
             "samples_per_s": samples / dt,
         }
         self._log(rec)
-        bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+        if tokens:
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+        else:  # images
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", samples_s=f"{rec['samples_per_s']:.1f}")
         st.update(window_loss=0.0, window_steps=0, window_tokens=0, window_samples=0)
 
     def _log(self, rec: dict[str, Any]) -> None:
@@ -711,6 +739,8 @@ def _counts(batch: dict[str, Any]) -> tuple[int, int]:
     which leave the batch here (the model must not see them)."""
     if "_tokens" in batch:
         return int(batch.pop("_tokens")), int(batch.pop("_samples"))
+    if "pixel_values" in batch:
+        return 0, batch["pixel_values"].shape[0]
     return int(batch["attention_mask"].sum()), batch["input_ids"].shape[0]
 
 

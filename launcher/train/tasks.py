@@ -34,6 +34,8 @@ class Task:
     feeds_labels: bool = False  # evals pass labels in (seq2seq builds decoder inputs from them)
     generates: bool = False  # evals also generate text and score it (BLEU, chrF)
     problem_type: str | None = None  # transformers config.problem_type of the head
+    modality: str = "text"  # "image": an image processor instead of a tokenizer
+    head_modules: tuple[str, ...] = ()  # new head modules PEFT does not know to train
     lower_is_better: tuple[str, ...] = ("eval_loss", "perplexity")
 
     @property
@@ -200,6 +202,21 @@ TASKS: dict[str, Task] = {
         needs_eos=False,
         smoothed_loss=_classification_loss,
         problem_type="single_label_classification",
+    ),
+    "image_classification": Task(
+        name="image_classification",
+        formats=("image_classification",),
+        auto_class="AutoModelForImageClassification",
+        metrics=("eval_loss", "accuracy", "macro_f1"),
+        peft_task_type="",  # PEFT has no image task type: the head joins modules_to_save
+        eval_batch=_classification_eval_batch,
+        eval_metrics=_classification_metrics,
+        label_kind="class",
+        needs_eos=False,
+        smoothed_loss=_classification_loss,
+        problem_type="single_label_classification",
+        modality="image",
+        head_modules=("classifier",),
     ),
     "multi_label_classification": Task(
         name="multi_label_classification",

@@ -287,3 +287,54 @@ def make_seq2seq(out: Path, family: str, words: list[str], d_model: int = 64) ->
         else:
             model = tf.MarianMTModel(tf.MarianConfig(**shape))
     model.save_pretrained(out)
+
+
+def make_vit(out: Path, family: str = "vit", image_size: int = 16, **sizes: int) -> None:
+    """A tiny random ViT (or DINOv2 / ConvNeXt) encoder and its image processor."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if family == "convnext":
+        cfg = tf.ConvNextConfig(
+            num_channels=3,
+            num_stages=2,
+            hidden_sizes=[16, 32],
+            depths=[1, 1],
+            patch_size=2,
+            image_size=image_size,
+        )
+        model = tf.ConvNextModel(cfg)
+    else:
+        shape = dict(
+            image_size=image_size,
+            patch_size=4,
+            num_channels=3,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+        )
+        shape.update(sizes)
+        config = tf.Dinov2Config if family == "dinov2" else tf.ViTConfig
+        model = (tf.Dinov2Model if family == "dinov2" else tf.ViTModel)(config(**shape))
+    model.save_pretrained(out)
+    tf.ViTImageProcessor(
+        size={"height": image_size, "width": image_size},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    ).save_pretrained(out)
+
+
+def digits_folder(out: Path, n: int | None = None) -> Path:
+    """scikit-learn's 8x8 digits as PNG files in one folder per digit."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    for i, (img, y) in enumerate(zip(d.images[:n], d.target[:n], strict=True)):
+        folder = out / str(y)
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((img * 255 / 16).astype(np.uint8)).convert("RGB").save(folder / f"{i}.png")
+    return out
