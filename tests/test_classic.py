@@ -109,6 +109,31 @@ def test_entity_scores_equal_seqeval():
     }
 
 
+def test_regression_and_multi_label_scores_equal_scipy_and_sklearn():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    metrics = pytest.importorskip("sklearn.metrics")
+    from launcher.train.metrics import multi_label_scores, regression_scores
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 5, (200,), generator=g).double()  # ties, as star ratings have
+    p = y + torch.randn(200, generator=g, dtype=torch.float64)
+    ours = regression_scores(p, y)
+    assert ours["pearson"] == pytest.approx(scipy_stats.pearsonr(p, y)[0], abs=1e-9)
+    assert ours["spearman"] == pytest.approx(scipy_stats.spearmanr(p, y)[0], abs=1e-9)
+    assert ours["rmse"] == pytest.approx(((p - y) ** 2).mean().sqrt().item(), abs=1e-9)
+
+    yt = (torch.rand(300, 6, generator=g) < 0.3).long()
+    yp = torch.where(torch.rand(300, 6, generator=g) < 0.8, yt, 1 - yt)
+    yp[:, 5] = 0  # a label never predicted: its F1 is 0
+    ours = multi_label_scores(yp, yt)
+    for avg in ("micro", "macro"):
+        ref = metrics.f1_score(yt.numpy(), yp.numpy(), average=avg, zero_division=0)
+        assert ours[f"{avg}_f1"] == pytest.approx(ref, abs=1e-9)
+    assert ours["subset_accuracy"] == pytest.approx(
+        metrics.accuracy_score(yt.numpy(), yp.numpy()), abs=1e-9
+    )
+
+
 def test_ner_learns_the_tagging_rule(ner_setup, tmp_path):
     trainer = Trainer(load_recipe(ner_recipe(ner_setup, tmp_path)))
     summary = trainer.fit()

@@ -38,7 +38,7 @@ def multi_label_scores(p: Any, y: Any) -> dict[str, float]:
     return {
         "micro_f1": micro.item(),
         "macro_f1": per_label.mean().item(),
-        "subset_accuracy": (p == y).all(1).float().mean().item(),
+        "subset_accuracy": (p == y).all(1).double().mean().item(),
     }
 
 
