@@ -482,6 +482,10 @@ class Trainer:
             "grad_norm": grad_norm,
             "tokens_per_s": tokens / dt,
             "samples_per_s": samples / dt,
+            # what the rates are made of (a packed step holds many examples per row)
+            "tokens": tokens,
+            "samples": samples,
+            "seconds": round(dt, 4),
         }
         self._log(rec)
         if tokens:
