@@ -25,6 +25,10 @@ VERBS: dict[str, tuple[str, str]] = {
         "submit a recipe as a SLURM batch job (multi-node, checkpoint and requeue on preemption)",
     ),
     "status": ("launcher.cli.status", "where a run stands: job, step, checkpoint, restarts"),
+    "shard": (
+        "launcher.tools.shard",
+        "split JSONL/CSV/Parquet/HF datasets into N balanced, shuffled shards with a manifest",
+    ),
     "merge": (
         "launcher.tools.merge",
         "fold a LoRA/DoRA adapter into its base, shard by shard (bounded memory)",

@@ -59,6 +59,8 @@ def read_rows(
                 hint="check the path; relative paths start at the current folder",
             )
         )
+    if path.is_dir() and (path / "manifest.json").is_file():
+        return _read_shards(path, key, on_bad_row, bad)
     if path.is_dir():
         if image_field is not None:
             return _read_image_folders(path, key, image_field, label_field)
@@ -175,6 +177,18 @@ def _read_csv(path: Path, delimiter: str) -> list[Row]:
             )
             for r in reader
         ]
+
+
+def _read_shards(path: Path, key: str, on_bad_row: str, bad: BadRows) -> list[Row]:
+    """A folder written by `ftl shard`: its checksums are checked, then every shard is read
+    in order (each rank reads all of them; the loop hands out the micro-batches)."""
+    from launcher.tools.shard import verify
+
+    manifest = verify(path, key)
+    rows: list[Row] = []
+    for s in manifest["shards"]:
+        rows += _read_jsonl(path / s["file"], key, on_bad_row, bad)
+    return rows
 
 
 def _read_conll(
