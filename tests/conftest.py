@@ -13,17 +13,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 # DeepSpeed JIT-compiles two C++ ops on CPU (shared-memory allreduce ~80 s, cpu_adam for
-# ZeRO-Offload ~70 s). Compiled once per checkout (so once per CI run) into this cache,
-# in the background while other tests run; `deepspeed_ops` waits for it.
-os.environ.setdefault(
-    "TORCH_EXTENSIONS_DIR",
-    str(Path(__file__).resolve().parent.parent / ".cache" / "torch_extensions"),
-)
+# ZeRO-Offload ~70 s) into torch's extension cache (TORCH_EXTENSIONS_DIR, default
+# ~/.cache/torch_extensions). The README's setup command builds them (tools/build_ops.py);
+# if they are missing, they are built in the background while other tests run, and
+# `deepspeed_ops` waits for them.
 sys.path.insert(0, str(Path(__file__).parent / "assets"))
 
 import make_tiny  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+OPS_LOGS = ROOT / ".cache" / "ops-build"
 _ops_build: dict[str, subprocess.Popen] = {}
 
 WARM_OPS = """
@@ -42,7 +41,7 @@ def pytest_collection_modifyitems(config, items):
         for i in items
     )
     if needs and not _ops_build and importlib.util.find_spec("deepspeed") is not None:
-        log = Path(os.environ["TORCH_EXTENSIONS_DIR"])
+        log = OPS_LOGS
         log.mkdir(parents=True, exist_ok=True)
         for op in ("shm", "adam"):
             _ops_build[op] = subprocess.Popen(
@@ -57,7 +56,7 @@ def deepspeed_ops() -> None:
     """DeepSpeed's CPU ops are compiled and cached (see TORCH_EXTENSIONS_DIR above)."""
     for op, proc in _ops_build.items():
         rc = proc.wait(timeout=900)
-        log = Path(os.environ["TORCH_EXTENSIONS_DIR"]) / f"build-{op}.log"
+        log = OPS_LOGS / f"build-{op}.log"
         assert rc == 0, f"compiling DeepSpeed's {op} op failed:\n{log.read_text()[-3000:]}"
 
 
