@@ -184,9 +184,14 @@ def run_ftl(recipe: Path, mode: str, out: Path, skip: int, env: dict[str, str]) 
         for line in (out / "metrics.jsonl").read_text().splitlines()
         if '"train"' in line
     ]
-    # per step (log_every 1): samples_per_s = samples / dt, tokens_per_s = tokens / dt
-    secs = [s["schedule"]["micro_batch_size"] / r["samples_per_s"] for r in recs]
-    toks = [round(r["tokens_per_s"] * dt) for r, dt in zip(recs, secs, strict=True)]
+    # per step (log_every 1): each record holds the step's seconds and tokens (older
+    # ftl: only the rates, samples_per_s = samples / dt, tokens_per_s = tokens / dt)
+    secs = [
+        r.get("seconds") or s["schedule"]["micro_batch_size"] / r["samples_per_s"] for r in recs
+    ]
+    toks = [
+        r.get("tokens", round(r["tokens_per_s"] * dt)) for r, dt in zip(recs, secs, strict=True)
+    ]
     return {
         "steps": s["steps"],
         "losses": [r["loss"] for r in recs],
