@@ -29,6 +29,10 @@ VERBS: dict[str, tuple[str, str]] = {
         "launcher.tools.shard",
         "split JSONL/CSV/Parquet/HF datasets into N balanced, shuffled shards with a manifest",
     ),
+    "preprocess": (
+        "launcher.cli.preprocess",
+        "format, tokenize and mask a recipe's data into the content-hashed cache ftl train loads",
+    ),
     "merge": (
         "launcher.tools.merge",
         "fold a LoRA/DoRA adapter into its base, shard by shard (bounded memory)",

@@ -140,6 +140,17 @@ class DataCfg(Section):
         None, description="label (or tag) set; inferred from the training data if omitted"
     )
     prompt_template: str | None = Field(None, description="alpaca template override")
+    cache: bool = Field(
+        True,
+        description="keep the tokenized examples in a content-hashed cache and reuse them "
+        "while the data files, tokenizer, chat template and data settings are unchanged "
+        "(`ftl preprocess` builds it ahead); image tasks are never cached",
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="the cache folder (default: $FTL_CACHE_DIR, else ~/.cache/ftl/data), one "
+        "entry per key; a folder holding manifest.json is that one entry and must match",
+    )
 
 
 class EarlyStoppingCfg(Section):

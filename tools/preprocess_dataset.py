@@ -1,0 +1,12 @@
+#!/usr/bin/env python3
+"""Format, tokenize and mask a recipe's data into the content-hashed cache ftl train loads.
+
+Same as `ftl preprocess`: python tools/preprocess_dataset.py RECIPE [-o key=value] [--force]
+"""
+
+import sys
+
+from launcher.cli.preprocess import main
+
+if __name__ == "__main__":
+    sys.exit(main())
