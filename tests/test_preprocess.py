@@ -106,7 +106,11 @@ def _edit_template(d, cfg, tok):
 
 
 def _edit_max_length(d, cfg, tok):
-    return cfg.model_copy(update={"max_length": 60}), tok, "data.max_length: 64 there, 60 here"
+    return (
+        cfg.model_copy(update={"max_length": 60}),
+        tok,
+        "data.max_length: 64 in the cache, 60 in the recipe",
+    )
 
 
 def _edit_tokenizer(d, cfg, tok):
@@ -258,7 +262,10 @@ def test_cli_manifest_from_another_recipe(tmp_path, tok_dir, data, capsys):
     capsys.readouterr()
     assert main(["preprocess", str(other), "-o", f"data.cache_dir={entry}"]) == 2
     err = capsys.readouterr().err
-    assert "built for other inputs" in err and "data.max_length: 64 there, 60 here" in err
+    assert (
+        "built for other inputs" in err
+        and "data.max_length: 64 in the cache, 60 in the recipe" in err
+    )
     assert "Traceback" not in err and "--force" in err
     assert main(["preprocess", str(other), "--cache-dir", str(entry), "--force"]) == 0
     assert "built:" in capsys.readouterr().out

@@ -53,7 +53,6 @@ _TOKENIZER_CONFIG_NOISE = ("name_or_path", "is_local", "local_files_only", "chat
 _CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 IMAGE_FORMATS = ("image_classification", "vision_chat")
 FAILED_FRESH_S = 600.0  # a failure marker older than this (when a wait starts) is stale
-REBUILD_HINT = "rerun `ftl preprocess RECIPE --force`, or delete the entry folder"
 
 
 @dataclass
@@ -166,7 +165,7 @@ def explain(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         if a.get("hash") == b.get("hash") and a.get("path") == b.get("path"):
             continue
         if a.get("path") != b.get("path"):
-            out.append(f"{name} is {a.get('path')} there, {b.get('path')} here")
+            out.append(f"{name} is {a.get('path')} in the cache, {b.get('path')} in the recipe")
             continue
         fa, fb = a.get("files", {}), b.get("files", {})
         changed = sorted(f for f in fa.keys() & fb.keys() if fa[f] != fb[f])
@@ -186,15 +185,15 @@ def explain(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     a, b = old.get("data") or {}, new.get("data") or {}
     for k in sorted(a.keys() | b.keys()):
         if k not in ("train", "eval") and a.get(k) != b.get(k):
-            out.append(f"data.{k}: {a.get(k)!r} there, {b.get(k)!r} here")
+            out.append(f"data.{k}: {a.get(k)!r} in the cache, {b.get(k)!r} in the recipe")
     if old.get("label_kind") != new.get("label_kind"):
         out.append(
-            f"the task's labels: {old.get('label_kind')} there, {new.get('label_kind')} here"
+            f"the task's labels: {old.get('label_kind')} in the cache, {new.get('label_kind')} in the recipe"
         )
     la, lb = old.get("libraries") or {}, new.get("libraries") or {}
     for p in sorted(la.keys() | lb.keys()):
         if la.get(p) != lb.get(p):
-            out.append(f"{p} {la.get(p)} there, {lb.get(p)} here")
+            out.append(f"{p} {la.get(p)} built the cache, {lb.get(p)} is installed")
     return out or ["the key differs"]
 
 
