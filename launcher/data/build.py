@@ -97,7 +97,8 @@ def load_datasets(
     """Read, split and tokenize the recipe's data; every bad row is reported or counted.
 
     `label_kind` is the task's (see `launcher.train.tasks.Task.label_kind`); token
-    classification reads a tag set, classification a label set.
+    classification reads a tag set, classification a label set. `images`: image paths in
+    the rows are relative to the data file (for vision chat `tokenizer` is the processor).
     """
     bad = BadRows()
     read = dict(
@@ -107,7 +108,10 @@ def load_datasets(
         label_field=cfg.label_field,
         tokens_field=cfg.tokens_field,
         tags_field=cfg.tags_field,
-        image_field=cfg.image_field if images else None,
+        image_field=cfg.image_field if images and cfg.format != "vision_chat" else None,
+        chat_images=(cfg.images_field, cfg.messages_field)
+        if images and cfg.format == "vision_chat"
+        else None,
     )
     train_rows = read_rows(resolve_path(cfg.train, base=Path.cwd()), key="data.train", **read)
     if cfg.eval is not None:
@@ -160,6 +164,7 @@ def load_datasets(
         source_prefix=cfg.source_prefix,
         max_target_length=cfg.max_target_length,
         image_field=cfg.image_field,
+        images_field=cfg.images_field,
     )
     train = _tokenize(train_rows, ctx, cfg.format, cfg, "data.train", bad)
     evals = _tokenize(eval_rows, ctx, cfg.format, cfg, "data.eval", bad)
@@ -188,6 +193,8 @@ def load_datasets(
         "truncated": ctx.stats["truncated"],
         "dropped_too_long": ctx.stats["dropped_too_long"],
     }
+    if "dropped_images_too_long" in ctx.stats or cfg.format == "vision_chat":
+        stats["dropped_images_too_long"] = ctx.stats.get("dropped_images_too_long", 0)
     return Datasets(train=train, eval=evals, labels=labels, stats=stats)
 
 

@@ -50,6 +50,7 @@ class FormatContext:
     source_prefix: str = ""
     max_target_length: int = 128
     image_field: str = "image"
+    images_field: str = "images"
     stats: dict[str, int] = field(default_factory=lambda: {"truncated": 0, "dropped_too_long": 0})
 
     def over(self, n: int, limit: int, what: str, key: str) -> bool:
@@ -136,6 +137,15 @@ def chat(row: dict[str, Any], ctx: FormatContext) -> dict[str, Any]:
     msgs = _field(row, ctx.messages_field, list)
     for i, m in enumerate(msgs):
         if (
+            isinstance(m, dict)
+            and isinstance(m.get("content"), list)
+            and any(isinstance(p, dict) and p.get("type") == "image" for p in m["content"])
+        ):
+            raise RowError(
+                f"message {i} holds an image, but this task trains a text-only model "
+                "(use task: vision_language, format: vision_chat with a vision-language model)"
+            )
+        if (
             not isinstance(m, dict)
             or not isinstance(m.get("role"), str)
             or not isinstance(m.get("content"), str)
@@ -167,7 +177,9 @@ def chat(row: dict[str, Any], ctx: FormatContext) -> dict[str, Any]:
     ids = list(enc["input_ids"])
     labels = [IGNORE] * len(ids)
     for t, (a, b) in enumerate(enc["offset_mapping"]):
-        if any(s <= a and b <= e and b > a for s, e in spans):
+        # a token overlapping an answer is learned: a template ending its prompt with a
+        # space ("ASSISTANT: ") leaves the space in the answer's first token (" a")
+        if b > a and any(a < e and b > s for s, e in spans):
             labels[t] = ids[t]
     # EOS must be learned, or the model never stops: add it if the template lacks it.
     if tok.eos_token_id not in [x for x in labels if x != IGNORE]:
@@ -314,6 +326,13 @@ def image_classification(row: dict[str, Any], ctx: FormatContext) -> dict[str, A
     return fn(row, ctx)
 
 
+def vision_chat(row: dict[str, Any], ctx: FormatContext) -> dict[str, Any]:
+    """a conversation with images (see launcher.data.vlm: PIL and the processor)."""
+    from launcher.data.vlm import vision_chat as fn
+
+    return fn(row, ctx)
+
+
 FORMATS: dict[str, Callable[[dict[str, Any], FormatContext], dict[str, Any]]] = {
     "completion": completion,
     "alpaca": alpaca,
@@ -322,4 +341,5 @@ FORMATS: dict[str, Callable[[dict[str, Any], FormatContext], dict[str, Any]]] = 
     "token_tags": token_tags,
     "translation": translation,
     "image_classification": image_classification,
+    "vision_chat": vision_chat,
 }

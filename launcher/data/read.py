@@ -49,8 +49,12 @@ def read_rows(
     tokens_field: str = "tokens",
     tags_field: str = "tags",
     image_field: str | None = None,
+    chat_images: tuple[str, str] | None = None,
 ) -> list[Row]:
-    """All rows of `path`; malformed ones raise (`on_bad_row: error`) or are counted."""
+    """All rows of `path`; malformed ones raise (`on_bad_row: error`) or are counted.
+
+    `image_field` (image classification) and `chat_images` (vision chat: the images and
+    messages fields) make image paths relative to the data file's folder."""
     if not path.exists():
         raise UserError(
             Problem(
@@ -66,6 +70,11 @@ def read_rows(
             return _read_image_folders(path, key, image_field, label_field)
         return _read_label_folders(path, key, text_field, label_field)
     suffix = path.suffix.lower()
+    if chat_images is not None:
+        rows = read_rows(path, key=key, on_bad_row=on_bad_row, bad=bad)
+        for row in rows:
+            _resolve_chat_images(row.data, path.parent, *chat_images)
+        return rows
     if image_field is not None and suffix in (".jsonl", ".json", ".csv", ".tsv"):
         rows = read_rows(path, key=key, on_bad_row=on_bad_row, bad=bad, label_field=label_field)
         for row in rows:  # image paths are relative to the data file's folder
@@ -230,6 +239,19 @@ def _read_conll(
             tags.append(cols[-1])
     flush()
     return rows
+
+
+def _resolve_chat_images(data: dict, base: Path, images_field: str, messages_field: str) -> None:
+    def at(p: object) -> object:
+        return str(base / p) if isinstance(p, str) and p and not Path(p).is_absolute() else p
+
+    if isinstance(data.get(images_field), list):
+        data[images_field] = [at(p) for p in data[images_field]]
+    for m in data.get(messages_field) or []:
+        content = m.get("content") if isinstance(m, dict) else None
+        for part in content if isinstance(content, list) else []:
+            if isinstance(part, dict) and part.get("type") == "image" and "image" in part:
+                part["image"] = at(part["image"])
 
 
 def _read_image_folders(path: Path, key: str, image_field: str, label_field: str) -> list[Row]:

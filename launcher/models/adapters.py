@@ -18,6 +18,8 @@ def apply_adapter(
     *,
     resized_embeddings: bool = False,
     gradient_checkpointing: bool = False,
+    target_modules: Any = None,
+    also_save: list[str] | tuple[str, ...] = (),
 ) -> Any:
     """Wrap `model` for `cfg.type`; full fine-tuning returns it unchanged.
 
@@ -25,12 +27,17 @@ def apply_adapter(
     trained and saved with the adapter: the input embeddings and the output head join
     `modules_to_save` (tied ones stay tied), and loading, merging and serving then see
     the same vocabulary as training.
+
+    `target_modules` replaces the recipe's default (a vision-language model: its language
+    model's layers only); `also_save` are modules trained in full beside the adapter (a
+    VLM's projector).
     """
     if not cfg.enabled:
         return model
     from peft import LoraConfig, get_peft_model
 
-    _check_targets(model, cfg.target_modules)
+    targets = cfg.target_modules if target_modules is None else target_modules
+    _check_targets(model, targets)
     if quantized:
         from peft import prepare_model_for_kbit_training
 
@@ -41,7 +48,7 @@ def apply_adapter(
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     to_save = list(cfg.modules_to_save or [])
-    to_save += [m for m in task.head_modules if m not in to_save]
+    to_save += [m for m in (*task.head_modules, *also_save) if m not in to_save]
     tied = False
     if resized_embeddings:
         names = embedding_modules(model)
@@ -51,7 +58,7 @@ def apply_adapter(
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        target_modules=cfg.target_modules,
+        target_modules=targets,
         modules_to_save=to_save or None,  # SEQ_CLS adds the new head by itself
         use_dora=cfg.type == "dora",
         use_rslora=cfg.rslora,

@@ -49,6 +49,14 @@ class ModelCfg(Section):
         description="override every dropout probability in the model's config (hidden, "
         "attention, classifier...); the summary lists the keys it set",
     )
+    freeze_vision_tower: bool = Field(
+        True, description="vision_language: the vision encoder gets no gradients"
+    )
+    freeze_projector: bool = Field(
+        False,
+        description="vision_language: the projector (image features -> language model) gets "
+        "no gradients; when trained under LoRA it is trained in full and saved with the adapter",
+    )
 
 
 class AdapterCfg(Section):
@@ -128,6 +136,11 @@ class DataCfg(Section):
     tags_field: str = Field("tags", description="token classification: one tag per word")
     image_field: str = Field(
         "image", description="image tasks: the image path (relative to the data file's folder)"
+    )
+    images_field: str = Field(
+        "images",
+        description="vision chat: the list of image paths, one per <image> placeholder in "
+        "the messages (or use image parts in the message content)",
     )
     augment: AugmentCfg = AugmentCfg()
     source_field: str = Field("source", description="seq2seq: the input text")

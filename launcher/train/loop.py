@@ -145,14 +145,20 @@ class Trainer:
         )
 
         images = self.task.modality == "image"
-        # the tokenizer, or for an image model its image processor (saved with the model)
-        self.tokenizer = (
-            load_image_processor(r.model)
-            if images
-            else load_tokenizer(r.model, needs_eos=self.task.needs_eos)
-        )
+        vlm = self.task.modality == "vision_language"
+        # the tokenizer, or for an image model its image processor, or for a vision-language
+        # model its processor (each saved with the model)
+        if vlm:
+            from launcher.models.vlm import check_vision_language, load_processor
+
+            check_vision_language(r.model)
+            self.tokenizer = load_processor(r.model)
+        elif images:
+            self.tokenizer = load_image_processor(r.model)
+        else:
+            self.tokenizer = load_tokenizer(r.model, needs_eos=self.task.needs_eos)
         self.data: Datasets = load_datasets(
-            r.data, self.tokenizer, label_kind=self.task.label_kind, images=images
+            r.data, self.tokenizer, label_kind=self.task.label_kind, images=images or vlm
         )
         if r.data.packing:
             from launcher.data.pack import pack
@@ -195,8 +201,20 @@ class Trainer:
             from launcher.models.fast_dropout import enable, swap_dropout
 
             enable(model)
-        resized = not images and fit_embeddings(model, len(self.tokenizer))  # added tokens
+        text_tok = self.tokenizer.tokenizer if vlm else self.tokenizer
+        resized = not images and fit_embeddings(model, len(text_tok))  # added tokens
         pretrained = pretrained_parameters(model, new_params) if t.l2sp > 0 else []
+        targets, also_save = None, []
+        if vlm:
+            from launcher.models import vlm as vlm_parts
+
+            self.frozen = vlm_parts.freeze(
+                model, vision=r.model.freeze_vision_tower, projector=r.model.freeze_projector
+            )
+            if r.adapter.enabled and r.adapter.target_modules == "all-linear":
+                targets = vlm_parts.lora_targets(model)  # the language model's layers
+            if r.adapter.enabled and not r.model.freeze_projector:
+                also_save = vlm_parts.projector_modules(model)
         model = apply_adapter(
             model,
             r.adapter,
@@ -204,6 +222,8 @@ class Trainer:
             quantized=r.quant.bits is not None,
             resized_embeddings=resized,
             gradient_checkpointing=r.model.gradient_checkpointing,
+            target_modules=targets,
+            also_save=also_save,
         )
         if fast_dropout:
             swap_dropout(model)  # the adapter's own dropouts (lora_dropout), new since enable()
@@ -304,6 +324,10 @@ class Trainer:
     def _collate(
         self, batch: list[dict[str, Any]], *, train: bool = False, epoch: int = 0
     ) -> dict[str, Any]:
+        if "images" in batch[0]:
+            from launcher.data.vlm import collate_vision_chat
+
+            return collate_vision_chat(batch, self.tokenizer)
         if "image" in batch[0]:
             from launcher.data.images import collate_images
 
@@ -709,6 +733,7 @@ class Trainer:
                 else None
             ),
             "dropout_overrides": self.dropout_keys,
+            "frozen_params": getattr(self, "frozen", None),
             "wall_time_s": round(time.time() - self.wall_start, 2),
             "train_time_s": round(train_time, 2),
             "tokens_seen": self.state["tokens"],
@@ -743,7 +768,7 @@ def _counts(batch: dict[str, Any]) -> tuple[int, int]:
     which leave the batch here (the model must not see them)."""
     if "_tokens" in batch:
         return int(batch.pop("_tokens")), int(batch.pop("_samples"))
-    if "pixel_values" in batch:
+    if "input_ids" not in batch:  # image classification
         return 0, batch["pixel_values"].shape[0]
     return int(batch["attention_mask"].sum()), batch["input_ids"].shape[0]
 

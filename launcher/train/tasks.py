@@ -34,7 +34,9 @@ class Task:
     feeds_labels: bool = False  # evals pass labels in (seq2seq builds decoder inputs from them)
     generates: bool = False  # evals also generate text and score it (BLEU, chrF)
     problem_type: str | None = None  # transformers config.problem_type of the head
-    modality: str = "text"  # "image": an image processor instead of a tokenizer
+    # "image": an image processor instead of a tokenizer; "vision_language": the model's
+    # processor (tokenizer, image processor, chat template)
+    modality: str = "text"
     head_modules: tuple[str, ...] = ()  # new head modules PEFT does not know to train
     lower_is_better: tuple[str, ...] = ("eval_loss", "perplexity")
 
@@ -189,6 +191,19 @@ TASKS: dict[str, Task] = {
         label_kind="tokens",
         needs_eos=True,
         smoothed_loss=_lm_loss,
+    ),
+    "vision_language": Task(
+        name="vision_language",
+        formats=("vision_chat",),
+        auto_class="AutoModelForImageTextToText",
+        metrics=("eval_loss", "perplexity"),
+        peft_task_type="CAUSAL_LM",
+        eval_batch=_lm_eval_batch,
+        eval_metrics=_lm_metrics,
+        label_kind="tokens",
+        needs_eos=True,
+        smoothed_loss=_lm_loss,
+        modality="vision_language",
     ),
     "sequence_classification": Task(
         name="sequence_classification",

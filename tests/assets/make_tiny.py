@@ -338,3 +338,271 @@ def digits_folder(out: Path, n: int | None = None) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray((img * 255 / 16).astype(np.uint8)).convert("RGB").save(folder / f"{i}.png")
     return out
+
+
+# Chat templates in the shape of each family's own (content parts; images as placeholders)
+VLM_TEMPLATES = {
+    "llava": (
+        "{% for m in messages %}{{ m['role'].upper() + ': ' }}"
+        "{% for c in m['content'] %}{% if c['type'] == 'image' %}{{ '<image>\n' }}"
+        "{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+        "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'ASSISTANT: ' }}{% endif %}"
+    ),
+    "qwen2_vl": (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+        "{% for c in m['content'] %}{% if c['type'] == 'image' %}"
+        "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}"
+        "{% endfor %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    ),
+    "idefics3": (
+        "<|im_start|>{% for m in messages %}{{ m['role'] | capitalize }}"
+        "{% if m['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+        "{% for c in m['content'] %}{% if c['type'] == 'image' %}{{ '<image>' }}"
+        "{% else %}{{ c['text'] }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+    ),
+}
+VLM_SPECIALS = {
+    "llava": ["</s>", "<image>"],
+    "qwen2_vl": [
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|vision_start|>",
+        "<|vision_end|>",
+        "<|image_pad|>",
+        "<|video_pad|>",
+    ],
+    "idefics3": [
+        "<|im_start|>",
+        "<end_of_utterance>",
+        "<image>",
+        "<fake_token_around_image>",
+        "<global-img>",
+    ],
+}
+VLM_EOS = {"llava": "</s>", "qwen2_vl": "<|im_end|>", "idefics3": "<end_of_utterance>"}
+
+
+def make_vlm(out: Path, family: str = "llava", image_size: int = 32) -> None:
+    """A tiny random vision-language model (llava | qwen2_vl | qwen2_5_vl | idefics3 |
+    smolvlm) with its processor: tokenizer, image processor and chat template."""
+    import torch
+    import transformers as tf
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    # without torchvision (here) transformers cannot build a video processor: ftl's
+    # image-only variant of the processor class, as ftl loads it
+    from launcher.models.vlm import _image_only
+
+    base = {"qwen2_5_vl": "qwen2_vl", "smolvlm": "idefics3"}.get(family, family)
+    specials = VLM_SPECIALS[base]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<unk>", "<s>", "<pad>", *specials],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(corpus(), trainer)
+    eos = VLM_EOS[base]
+    fast = tf.PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token=eos,
+        pad_token="<pad>",
+        extra_special_tokens=[s for s in specials if s != eos],
+    )
+    template = VLM_TEMPLATES[base]
+    patch = 8
+    if base == "llava":
+        ip = tf.CLIPImageProcessor(
+            size={"shortest_edge": image_size},
+            crop_size={"height": image_size, "width": image_size},
+        )
+        proc = tf.LlavaProcessor(
+            image_processor=ip,
+            tokenizer=fast,
+            patch_size=patch,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+            chat_template=template,
+        )
+    elif base == "qwen2_vl":
+        patch = 4
+        ip = tf.Qwen2VLImageProcessor(
+            min_pixels=16 * 16,
+            max_pixels=image_size * image_size,
+            patch_size=patch,
+            merge_size=2,
+            temporal_patch_size=2,
+        )
+        cls = tf.Qwen2_5_VLProcessor if family == "qwen2_5_vl" else tf.Qwen2VLProcessor
+        proc = _image_only(cls)(image_processor=ip, tokenizer=fast, chat_template=template)
+    else:
+        ip_cls = tf.SmolVLMImageProcessor if family == "smolvlm" else tf.Idefics3ImageProcessor
+        ip = ip_cls(
+            size={"longest_edge": image_size},
+            max_image_size={"longest_edge": image_size},
+            do_image_splitting=False,
+        )
+        cls = tf.SmolVLMProcessor if family == "smolvlm" else tf.Idefics3Processor
+        n = (image_size // patch) ** 2 // 4
+        proc = _image_only(cls)(
+            image_processor=ip, tokenizer=fast, image_seq_len=n, chat_template=template
+        )
+    fast = proc.tokenizer
+    vocab = len(fast)
+    text = dict(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+    )
+    torch.manual_seed(0)
+    if base == "llava":
+        cfg = tf.LlavaConfig(
+            vision_config=tf.CLIPVisionConfig(
+                image_size=image_size,
+                patch_size=patch,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                projection_dim=32,
+            ),
+            text_config=tf.LlamaConfig(**text),
+            image_token_index=fast.convert_tokens_to_ids("<image>"),
+            vision_feature_select_strategy="default",
+            vision_feature_layer=-1,
+            image_seq_length=(image_size // patch) ** 2,
+        )
+        model = tf.LlavaForConditionalGeneration(cfg)
+    elif base == "qwen2_vl":
+        ids = {t: fast.convert_tokens_to_ids(t) for t in specials}
+        vis = dict(
+            depth=2,
+            embed_dim=32,
+            hidden_size=64,
+            num_heads=4,
+            patch_size=patch,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            in_channels=3,
+        )
+        if family == "qwen2_5_vl":
+            vis = dict(
+                depth=2,
+                hidden_size=32,
+                out_hidden_size=64,
+                intermediate_size=64,
+                num_heads=4,
+                patch_size=patch,
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+                in_channels=3,
+                window_size=16,
+                fullatt_block_indexes=[1],
+            )
+        txt = dict(
+            text,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [2, 3, 3],
+            },
+        )
+        config = tf.Qwen2_5_VLConfig if family == "qwen2_5_vl" else tf.Qwen2VLConfig
+        cfg = config(
+            text_config=txt,
+            vision_config=vis,
+            image_token_id=ids["<|image_pad|>"],
+            video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"],
+            vision_end_token_id=ids["<|vision_end|>"],
+        )
+        model_cls = (
+            tf.Qwen2_5_VLForConditionalGeneration
+            if family == "qwen2_5_vl"
+            else tf.Qwen2VLForConditionalGeneration
+        )
+        model = model_cls(cfg)
+    else:
+        config = tf.SmolVLMConfig if family == "smolvlm" else tf.Idefics3Config
+        cfg = config(
+            vision_config=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                image_size=image_size,
+                patch_size=patch,
+            ),
+            text_config=dict(text, model_type="llama"),
+            image_token_id=fast.convert_tokens_to_ids("<image>"),
+            scale_factor=2,
+        )
+        model_cls = (
+            tf.SmolVLMForConditionalGeneration
+            if family == "smolvlm"
+            else tf.Idefics3ForConditionalGeneration
+        )
+        model = model_cls(cfg)
+    model.save_pretrained(out)
+    proc.save_pretrained(out)
+    if "video_processor" in type(proc).__mro__[1].get_attributes():
+        # as a real checkpoint has it (transformers cannot build it without torchvision)
+        video = {
+            "video_processor_type": type(proc)
+            .__mro__[1]
+            .__name__.replace("Processor", "VideoProcessor"),
+            "processor_class": type(proc).__name__,
+        }
+        (out / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2))
+
+
+def caption_rows(folder: Path, n: int = 24, seed: int = 0, shape: str = "parts") -> list[dict]:
+    """Solid-colour images and one-line answers naming the colour: a VLM learns them only
+    by looking at the image. `shape`: content parts, or an images list + <image>."""
+    from PIL import Image
+
+    colours = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        name = rng.choice(sorted(colours))
+        size = (rng.randint(20, 40), rng.randint(20, 40))
+        Image.new("RGB", size, colours[name]).save(folder / f"{i}.png")
+        path = f"{folder.name}/{i}.png"
+        answer = f"a {name} cat"
+        if shape == "parts":
+            user = [{"type": "image", "image": path}, {"type": "text", "text": "what is it"}]
+            rows.append(
+                {
+                    "messages": [
+                        {"role": "user", "content": user},
+                        {"role": "assistant", "content": answer},
+                    ]
+                }
+            )
+        else:
+            rows.append(
+                {
+                    "images": [path],
+                    "messages": [
+                        {"role": "user", "content": "<image>\nwhat is it"},
+                        {"role": "assistant", "content": answer},
+                    ],
+                }
+            )
+    return rows
