@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 import sys
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# the tokenized-data cache of every run in the suite: a fresh folder, not ~/.cache/ftl
+os.environ["FTL_CACHE_DIR"] = tempfile.mkdtemp(prefix="ftl-cache-")
 # DeepSpeed JIT-compiles two C++ ops on CPU (shared-memory allreduce ~80 s, cpu_adam for
 # ZeRO-Offload ~70 s) into torch's extension cache (TORCH_EXTENSIONS_DIR, default
 # ~/.cache/torch_extensions). The README's setup command builds them (tools/build_ops.py);

@@ -296,3 +296,40 @@ def test_cli_bad_rows_exit_2_and_leave_nothing(tmp_path, tok_dir, data, capsys, 
     assert needle in err and "train.jsonl" in err and "Traceback" not in err
     assert err.count("error:") == 1
     assert entries(cache) == []  # no entry, no temporary folder
+
+
+def test_ftl_train_uses_the_cache(tmp_path, chat_recipe, capsys):
+    """A second `ftl train` of the same recipe loads the entry instead of tokenizing, and
+    trains to the same losses; `ftl preprocess` built the entry training then uses."""
+    cache = tmp_path / "cache"
+    common = ["-o", f"data.cache_dir={cache}", "-o", "train.max_steps=3"]
+    assert main(["preprocess", str(chat_recipe), "--cache-dir", str(cache)]) == 0
+    assert len(entries(cache)) == 1
+    capsys.readouterr()
+    runs = []
+    for i in range(2):
+        out = tmp_path / f"run{i}"
+        assert main(["train", str(chat_recipe), *common, "-o", f"output.dir={out}"]) == 0
+        assert "data cache: hit" in capsys.readouterr().out
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        runs.append([r["loss"] for r in rows if r["kind"] == "train"])
+    assert runs[0] == runs[1] and len(runs[0]) == 3
+    assert len(entries(cache)) == 1
+    # the run without the cache gives the same losses
+    out = tmp_path / "plain"
+    assert (
+        main(
+            [
+                "train",
+                str(chat_recipe),
+                *common,
+                "-o",
+                "data.cache=false",
+                "-o",
+                f"output.dir={out}",
+            ]
+        )
+        == 0
+    )
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in rows if r["kind"] == "train"] == runs[0]

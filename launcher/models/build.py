@@ -253,7 +253,8 @@ def save_model(
     save_fn: Any,
     state_dict: dict[str, Any] | None,
 ) -> None:
-    """Write the final model (or adapter) as safetensors next to its tokenizer."""
+    """Write the final model (or adapter) as safetensors next to its tokenizer (or processor),
+    under the key names of the checkpoint it was loaded from."""
     config = getattr(model, "config", None)
     if (
         config is not None
@@ -264,6 +265,7 @@ def save_model(
         del config.quantization_config
         model.hf_quantizer = None
         model.is_quantized = False
+    _keep_checkpoint_names(model)
     model.save_pretrained(
         out,
         is_main_process=is_main,
@@ -273,6 +275,18 @@ def save_model(
     )
     if is_main:
         tokenizer.save_pretrained(out)
+
+
+def _keep_checkpoint_names(model: Any) -> None:
+    """transformers renames some checkpoints' keys on load (a Qwen2-VL checkpoint's
+    `model.layers.*` become `model.language_model.layers.*`) and renames them back on save
+    with the renamings the load recorded. The plain load records those it used; the
+    ZeRO-3 load (transformers 5.24) records every renaming the class knows, and the save
+    then writes keys no loader finds (`model.model.layers.*`). Keep the used ones, as the
+    plain load does, so every strategy saves the checkpoint's own names."""
+    recorded = getattr(model, "_weight_conversions", None)
+    if recorded and all(hasattr(c, "was_used") for c in recorded):
+        model._weight_conversions = [c for c in recorded if c.was_used()]
 
 
 def _is_gguf(qc: Any) -> bool:

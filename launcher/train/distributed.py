@@ -335,6 +335,33 @@ def size_zero3_windows(acc: Any, n_params: int) -> dict[str, int]:
     return filled
 
 
+def fill_hidden_size_autos(acc: Any, model: Any) -> dict[str, int]:
+    """Accelerate sizes DeepSpeed's "auto" buckets from `model.config.hidden_size`, which a
+    composite config (a vision-language model's) does not have: fill them from the
+    language model's hidden size, as accelerate would (h*h, 0.9*h*h, 10*h). Call before
+    `prepare`."""
+    zero = (deepspeed_config(acc) or {}).get("zero_optimization", {})
+    config = getattr(model, "config", None)
+    if not zero or config is None or getattr(config, "hidden_size", None) is not None:
+        return {}
+    if getattr(config, "hidden_sizes", None) is not None:
+        return {}
+    text = config.get_text_config() if hasattr(config, "get_text_config") else None
+    h = getattr(text, "hidden_size", None)
+    if not isinstance(h, int):
+        return {}
+    sizes = {
+        "reduce_bucket_size": h * h,
+        "stage3_prefetch_bucket_size": int(0.9 * h * h),
+        "stage3_param_persistence_threshold": 10 * h,
+    }
+    if zero.get("stage") != 3:
+        sizes = {"reduce_bucket_size": h * h}
+    filled = {k: v for k, v in sizes.items() if zero.get(k, "auto") == "auto"}
+    zero.update(filled)
+    return filled
+
+
 def deepspeed_builds_optimizer(acc: Any) -> bool:
     cfg = deepspeed_config(acc)
     return cfg is not None and "optimizer" in cfg

@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from launcher.data.build import Datasets, collate, load_datasets
+from launcher.data.build import Datasets, collate
+from launcher.data.cache import load_or_build
 from launcher.dist.strategies import STRATEGIES
 from launcher.errors import Problem, UserError
 from launcher.models.adapters import apply_adapter
@@ -157,8 +158,17 @@ class Trainer:
             self.tokenizer = load_image_processor(r.model)
         else:
             self.tokenizer = load_tokenizer(r.model, needs_eos=self.task.needs_eos)
-        self.data: Datasets = load_datasets(
-            r.data, self.tokenizer, label_kind=self.task.label_kind, images=images or vlm
+        # from the content-hashed cache when its key matches (text tasks); on a miss the
+        # local main process tokenizes and the others wait on the manifest, outside any
+        # collective, so a long tokenization never trips the process group's timeout
+        self.data: Datasets = load_or_build(
+            r.data,
+            self.tokenizer,
+            label_kind=self.task.label_kind,
+            images=images or vlm,
+            is_main=self.acc.is_local_main_process,
+            timeout_s=r.distributed.timeout_minutes * 60,
+            log=self.acc.print,
         )
         if r.data.packing:
             from launcher.data.pack import pack
@@ -231,6 +241,7 @@ class Trainer:
         self.n_params = sum(distributed.numel(p) for p in model.parameters())
         self.n_trainable = sum(distributed.numel(p) for p in model.parameters() if p.requires_grad)
         distributed.size_zero3_windows(self.acc, self.n_params)
+        distributed.fill_hidden_size_autos(self.acc, model)
         groups = _param_groups(model, t.weight_decay)
         if distributed.deepspeed_builds_optimizer(self.acc):
             # the DeepSpeed config names the optimizer (ZeRO-Offload: DeepSpeedCPUAdam);
