@@ -40,6 +40,22 @@ def test_chat_loss_only_on_assistant_turns_with_eos(tok):
     assert learned.count(tok.eos_token_id) == 2
 
 
+def test_chat_learns_the_first_answer_token_after_a_prompt_ending_in_a_space(tok):
+    """LLaVA/Vicuna-style templates end the prompt with "ASSISTANT: "; byte-level BPE
+    merges that space into the answer's first token (" red"), which must be learned."""
+    import copy
+
+    t = copy.deepcopy(tok)
+    t.chat_template = (
+        "{% for m in messages %}{{ m['role'].upper() + ': ' + m['content'] }}"
+        "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'ASSISTANT: ' }}{% endif %}"
+    )
+    ex = chat({"messages": CONVO[1:3]}, ctx(t))
+    learned = [i for i, lab in zip(ex["input_ids"], ex["labels"], strict=True) if lab != IGNORE]
+    assert t.decode(learned) == " red<|im_end|>\n"  # the space came with the first token
+
+
 def test_chat_without_assistant_is_a_bad_row(tok):
     with pytest.raises(RowError, match="no assistant"):
         chat({"messages": CONVO[:2]}, ctx(tok))

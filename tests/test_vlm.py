@@ -17,7 +17,7 @@ from launcher.cli.main import main
 from launcher.recipe import load_recipe
 from launcher.train.loop import Trainer
 
-FAMILIES = ["llava", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm"]
+FAMILIES = ["llava", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "paligemma"]
 _built: dict[str, Path] = {}
 
 
@@ -83,15 +83,20 @@ def test_examples_equal_the_processor_and_learn_only_the_answer(family, vlm, cap
     for row, ex in zip(rows[:6], data.train[:6], strict=True):
         msgs = row["messages"]
         user = [{"type": "image"}, {"type": "text", "text": "what is it"}]
-        text = proc.apply_chat_template(
-            [
-                {"role": "user", "content": user},
-                {"role": "assistant", "content": [{"type": "text", "text": msgs[1]["content"]}]},
-            ],
-            tokenize=False,
+        answer = [{"type": "text", "text": msgs[1]["content"]}]
+        conversation = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+        text = (
+            None
+            if family == "paligemma"
+            else proc.apply_chat_template(conversation, tokenize=False)
         )
         image = Image.open(captions["dir"] / msgs[0]["content"][0]["image"]).convert("RGB")
-        ref = proc(text=[text], images=[image], add_special_tokens=False)["input_ids"][0]
+        if family == "paligemma":  # no chat template: prompt (prefix) and answer (suffix)
+            ref = proc(text=["<image>what is it"], images=[image], suffix=[msgs[1]["content"]])[
+                "input_ids"
+            ][0]
+        else:
+            ref = proc(text=[text], images=[image], add_special_tokens=False)["input_ids"][0]
         assert ex["input_ids"] == list(ref)
         learned = [t for t in ex["labels"] if t != -100]
         assert tok.decode(learned).strip() == msgs[1]["content"] + tok.eos_token
@@ -106,6 +111,7 @@ def test_examples_equal_the_processor_and_learn_only_the_answer(family, vlm, cap
         "qwen2_5_vl": "image_grid_thw",
         "idefics3": "pixel_attention_mask",
         "smolvlm": "pixel_attention_mask",
+        "paligemma": "token_type_ids",  # the prompt attends both ways, the answer causally
     }[family]
     assert expected in batch
     if family.startswith("qwen"):
@@ -265,3 +271,36 @@ def test_vlm_bad_input(vlm, tiny_llama, tmp_path, capsys):
     parts = make_tiny.caption_rows(tmp_path / "img2", 2)
     err = run(parts, tiny_llama, "causal_lm", "chat")  # images in a text task's chat rows
     assert "holds an image" in err and "vision_language" in err
+
+
+def test_vlm_qlora_quantizes_the_language_model_only(vlm, captions, tmp_path):
+    """QLoRA on SmolVLM: the language model is 4-bit with LoRA on it, the vision tower and
+    the projector stay in float (the projector is trained in full), and the loss drops."""
+    pytest.importorskip("bitsandbytes")
+    r = recipe(tmp_path, vlm("smolvlm"), captions["train"], "adapter: {type: lora, r: 8}")
+    trainer = Trainer(
+        load_recipe(r, ["quant.bits=4", "quant.compute_dtype=float32", "train.max_steps=8"])
+    )
+    model = trainer.acc.unwrap_model(trainer.model)
+    kinds = {n: type(m).__name__ for n, m in model.named_modules()}
+    quantized = [n for n, k in kinds.items() if k == "Linear4bit"]
+    assert quantized and all(".text_model." in n for n in quantized)
+    assert any(".connector." in n and k == "Linear" for n, k in kinds.items())
+    assert not any(".vision_model." in n and k == "Linear4bit" for n, k in kinds.items())
+    trainer.fit()
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    loss = [x["loss"] for x in rows if x["kind"] == "train"]
+    assert len(loss) == 8 and loss[-1] < loss[0], loss
+
+
+def test_paligemma_wants_one_prompt_and_one_answer(vlm, tmp_path):
+    from launcher.errors import UserError
+
+    rows = make_tiny.caption_rows(tmp_path / "img", 2)
+    rows[1]["messages"] += [
+        {"role": "user", "content": "and now"},
+        {"role": "assistant", "content": "a cat"},
+    ]
+    path = make_tiny.write_jsonl(tmp_path / "t.jsonl", rows)
+    with pytest.raises(UserError, match="t.jsonl:2.*one prompt and one answer"):
+        _data(vlm("paligemma"), path)

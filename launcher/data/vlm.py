@@ -120,6 +120,8 @@ def vision_chat(row: dict[str, Any], ctx: FormatContext) -> dict[str, Any]:
     msgs, paths = _parts(row, ctx)
     for p in paths:
         check_image(p)
+    if prefix_lm(proc):
+        return _prefix_suffix(msgs, paths, ctx)
 
     def render(part: list[dict[str, Any]], gen: bool) -> str:
         try:
@@ -172,6 +174,14 @@ def vision_chat(row: dict[str, Any], ctx: FormatContext) -> dict[str, Any]:
             "the chat template does not end assistant turns with the EOS token "
             f"({tok.eos_token!r}): the model would not learn to stop"
         )
+    return _fit(ids, labels, paths, ctx, {"text": full})
+
+
+def _fit(
+    ids: list[int], labels: list[int], paths: list[str], ctx: FormatContext, extra: dict
+) -> dict[str, Any]:
+    """The length rule: cut text after the last image, never image tokens."""
+    image_ids = _image_token_ids(ctx.tokenizer)
     last_image = max((t for t, x in enumerate(ids) if x in image_ids), default=-1)
     if last_image >= ctx.max_length and ctx.too_long != "error":
         # never cut through image tokens: the example goes (counted in dropped_too_long too)
@@ -181,7 +191,38 @@ def vision_chat(row: dict[str, Any], ctx: FormatContext) -> dict[str, Any]:
         ids, labels = ids[: ctx.max_length], labels[: ctx.max_length]
         if all(x == IGNORE for x in labels):
             raise RowError(f"nothing left to learn after truncation to max_length={ctx.max_length}")
-    return {"input_ids": ids, "labels": labels, "images": paths, "text": full}
+    return {"input_ids": ids, "labels": labels, "images": paths, **extra}
+
+
+def prefix_lm(proc: Any) -> bool:
+    """PaliGemma: no chat template; a prompt (prefix, attended both ways) and an answer
+    (suffix, causal), told apart by token_type_ids."""
+    return type(proc).__name__ == "PaliGemmaProcessor"
+
+
+def _prefix_suffix(
+    msgs: list[dict[str, Any]], paths: list[str], ctx: FormatContext
+) -> dict[str, Any]:
+    """One user turn (its images and text) as the prefix, one assistant turn as the suffix,
+    through the processor's own prefix/suffix encoding."""
+    roles = [m["role"] for m in msgs]
+    if roles != ["user", "assistant"]:
+        raise RowError(
+            "PaliGemma learns one prompt and one answer: the conversation must be one user "
+            f"turn then one assistant turn (got {roles})"
+        )
+    proc = ctx.tokenizer
+    text = " ".join(p["text"] for p in msgs[0]["content"] if p["type"] == "text")
+    answer = " ".join(p["text"] for p in msgs[1]["content"] if p["type"] == "text")
+    prefix = proc.image_token * len(paths) + text
+    try:
+        enc = proc(text=[prefix], images=open_images(paths) if paths else None, suffix=[answer])
+    except ValueError as e:
+        raise RowError(f"the processor refused this example: {e}") from None
+    ids = list(enc["input_ids"][0])
+    kinds = list(enc["token_type_ids"][0])
+    labels = [t if k == 1 else IGNORE for t, k in zip(ids, kinds, strict=True)]
+    return _fit(ids, labels, paths, ctx, {"text": prefix, "suffix": answer})
 
 
 def _image_token_ids(proc: Any) -> set[int]:
@@ -224,15 +265,17 @@ def collate_vision_chat(examples: list[dict[str, Any]], processor: Any) -> dict[
         # Idefics3/SmolVLM take one list per sample; the others a flat list in text order
         images = nested if _nested(processor) else [im for per in nested for im in per]
     longest = max(len(e["input_ids"]) for e in examples)
+    kw: dict[str, Any] = {"add_special_tokens": False, "truncation": True}
+    if prefix_lm(processor):  # the answer is the suffix: only it may be cut
+        kw = {"suffix": [e["suffix"] for e in examples], "truncation": "only_second"}
     out = processor(
         text=texts,
         images=images,
-        add_special_tokens=False,
         padding="max_length",
         max_length=longest,
-        truncation=True,
         padding_side="right",
         return_tensors="pt",
+        **kw,
     )
     ids = out["input_ids"]
     labels = torch.full_like(ids, IGNORE)
@@ -246,7 +289,7 @@ def collate_vision_chat(examples: list[dict[str, Any]], processor: Any) -> dict[
         labels[i, :n] = torch.tensor(e["labels"])
         if "attention_mask" in out:
             out["attention_mask"][i, n:] = 0
-    batch = {k: v for k, v in out.items() if k not in ("offset_mapping",)}
+    batch = {k: v for k, v in out.items() if k not in ("offset_mapping", "labels")}
     batch["labels"] = labels
     return batch
 

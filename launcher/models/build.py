@@ -151,7 +151,14 @@ def build_model(
 
         check_compute_dtype(quant.compute_dtype)
         storage = storage_dtype(quant, cfg.dtype, precision, strategy.shards_params)
-        kw["quantization_config"] = bnb_config(quant, storage)
+        skip: tuple[str, ...] = ()
+        if task.modality == "vision_language":
+            from launcher.models.vlm import PROJECTOR, VISION
+
+            # only the language model is quantized; transformers matches these patterns
+            # from the start of a module's path
+            skip = tuple(rf"(.*\.)?{name}" for name in VISION + PROJECTOR)
+        kw["quantization_config"] = bnb_config(quant, storage, skip)
         if strategy.zero_stage != 3:  # ZeRO-3 refuses a device_map; DeepSpeed places shards
             # each process quantizes on its own device (GPU: fast), FSDP2 shards from there
             kw["device_map"] = {"": _local_device()}

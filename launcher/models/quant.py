@@ -23,14 +23,19 @@ def storage_dtype(cfg: QuantCfg, model_dtype: str, precision: str, shards_params
     return "bfloat16" if precision == "bf16" else model_dtype
 
 
-def bnb_config(cfg: QuantCfg, storage: str = "uint8") -> Any:
-    """`BitsAndBytesConfig` for `cfg.bits` (4: NF4/FP4, double quant, storage; 8: LLM.int8)."""
+def bnb_config(cfg: QuantCfg, storage: str = "uint8", skip: tuple[str, ...] = ()) -> Any:
+    """`BitsAndBytesConfig` for `cfg.bits` (4: NF4/FP4, double quant, storage; 8: LLM.int8).
+
+    `skip`: module names kept in full precision besides the output head (a VLM's vision
+    tower and projector: small, and the projector is trained in full)."""
     import torch
     from transformers import BitsAndBytesConfig
 
+    keep = {"llm_int8_skip_modules": ["lm_head", *skip]} if skip else {}
     if cfg.bits == 8:
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, **keep)
     return BitsAndBytesConfig(
+        **keep,
         load_in_4bit=True,
         bnb_4bit_quant_type=cfg.type,
         bnb_4bit_use_double_quant=cfg.double_quant,

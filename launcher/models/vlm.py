@@ -90,7 +90,9 @@ def load_processor(cfg: ModelCfg) -> Any:
                 key="model.name_or_path",
             )
         )
-    if not getattr(proc, "chat_template", None):
+    from launcher.data.vlm import prefix_lm
+
+    if not getattr(proc, "chat_template", None) and not prefix_lm(proc):
         raise UserError(
             Problem(
                 f"the processor at {where} has no chat template: ftl renders conversations "

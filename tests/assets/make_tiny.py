@@ -382,7 +382,14 @@ VLM_SPECIALS = {
         "<global-img>",
     ],
 }
-VLM_EOS = {"llava": "</s>", "qwen2_vl": "<|im_end|>", "idefics3": "<end_of_utterance>"}
+VLM_EOS = {
+    "llava": "</s>",
+    "qwen2_vl": "<|im_end|>",
+    "idefics3": "<end_of_utterance>",
+    "paligemma": "<eos>",
+}
+VLM_SPECIALS["paligemma"] = ["<eos>", "<image>"]
+VLM_TEMPLATES["paligemma"] = None  # prompt + answer (prefix + suffix), no chat template
 
 
 def make_vlm(out: Path, family: str = "llava", image_size: int = 32) -> None:
@@ -431,6 +438,12 @@ def make_vlm(out: Path, family: str = "llava", image_size: int = 32) -> None:
             num_additional_image_tokens=1,
             chat_template=template,
         )
+    elif base == "paligemma":
+        ip = tf.SiglipImageProcessor(
+            size={"height": image_size, "width": image_size},
+            image_seq_length=(image_size // patch) ** 2,
+        )
+        proc = tf.PaliGemmaProcessor(image_processor=ip, tokenizer=fast)
     elif base == "qwen2_vl":
         patch = 4
         ip = tf.Qwen2VLImageProcessor(
@@ -487,6 +500,37 @@ def make_vlm(out: Path, family: str = "llava", image_size: int = 32) -> None:
             image_seq_length=(image_size // patch) ** 2,
         )
         model = tf.LlavaForConditionalGeneration(cfg)
+    elif base == "paligemma":
+        cfg = tf.PaliGemmaConfig(
+            vision_config=dict(
+                model_type="siglip_vision_model",
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                image_size=image_size,
+                patch_size=patch,
+                projection_dim=64,
+            ),
+            text_config=dict(
+                model_type="gemma",
+                vocab_size=vocab,
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=4,
+                head_dim=16,
+                bos_token_id=fast.bos_token_id,
+                eos_token_id=fast.eos_token_id,
+                pad_token_id=fast.pad_token_id,
+            ),
+            image_token_index=fast.convert_tokens_to_ids("<image>"),
+            projection_dim=64,
+            hidden_size=64,
+            vocab_size=vocab,
+        )
+        model = tf.PaliGemmaForConditionalGeneration(cfg)
     elif base == "qwen2_vl":
         ids = {t: fast.convert_tokens_to_ids(t) for t in specials}
         vis = dict(
