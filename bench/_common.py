@@ -52,3 +52,27 @@ def max_abs_diff(a: Path, b: Path) -> float:
             x, y = sa.get_tensor(key).float(), sb.get_tensor(key).float()
             worst = max(worst, float((x - y).abs().max()))
     return worst
+
+
+def step_clock():
+    """A `TrainerCallback` that records when training starts, when each step ends and every
+    logged loss (Trainer- and TRL-side benchmarks time steps the same way)."""
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def __init__(self) -> None:
+            self.start = 0.0
+            self.step_end: list[float] = []
+            self.losses: list[float] = []
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.step_end.append(time.perf_counter())
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                self.losses.append(float(logs["loss"]))
+
+    return Clock()

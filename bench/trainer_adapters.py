@@ -27,7 +27,6 @@ import os
 import resource
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -39,7 +38,6 @@ def main(argv: list[str]) -> None:
         AutoModelForCausalLM,
         BitsAndBytesConfig,
         Trainer,
-        TrainerCallback,
         TrainingArguments,
         set_seed,
     )
@@ -109,23 +107,9 @@ def main(argv: list[str]) -> None:
     elif q.bits is not None:
         sys.exit("quantized weights need an adapter")
 
-    class Clock(TrainerCallback):
-        def __init__(self) -> None:
-            self.start = 0.0
-            self.step_end: list[float] = []
-            self.losses: list[float] = []
+    from _common import step_clock
 
-        def on_train_begin(self, args, state, control, **kw):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            self.step_end.append(time.perf_counter())
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                self.losses.append(float(logs["loss"]))
-
-    clock = Clock()
+    clock = step_clock()
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
             output_dir=out,

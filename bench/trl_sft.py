@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import tempfile
-import time
 from importlib.metadata import version
 from pathlib import Path
 
@@ -67,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from datasets import load_dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, set_seed
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
     from trl import SFTConfig, SFTTrainer
 
     rss_start = vmhwm_mb()
@@ -106,23 +105,9 @@ def main(argv: list[str] | None = None) -> int:
             step_padded_tokens.append(int(inputs["input_ids"].numel()))  # pad included
             return super().training_step(*a, **kw)
 
-    class Clock(TrainerCallback):
-        def __init__(self) -> None:
-            self.start = 0.0
-            self.step_end: list[float] = []
-            self.losses: list[float] = []
+    from _common import step_clock
 
-        def on_train_begin(self, args, state, control, **kw):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            self.step_end.append(time.perf_counter())
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                self.losses.append(float(logs["loss"]))
-
-    clock = Clock()
+    clock = step_clock()
     with tempfile.TemporaryDirectory() as out:
         config = SFTConfig(
             output_dir=out,

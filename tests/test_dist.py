@@ -572,3 +572,27 @@ def torch_equal(x, y) -> bool:
     import torch
 
     return torch.equal(x, y)
+
+
+def test_each_rank_trains_on_its_own_shards(tmp_path, dist_recipe, chat_data, capsys):
+    """A shard folder under DDP: rank r reads shards r, r+2, ... (recorded per rank in the
+    summary, with example counts that equal those shards' rows); both ranks run the same
+    number of steps, and eval_split is refused in this mode."""
+    shards = tmp_path / "shards"
+    assert main(["shard", str(chat_data["train"]), "--num-shards", "4", "--out", str(shards)]) == 0
+    manifest = json.loads((shards / "manifest.json").read_text())
+    run = launch(dist_recipe, tmp_path / "run", f"data.train={shards}", "train.max_steps=3")
+    data = json.loads((run / "summary.json").read_text())["data"]
+    files = [s["file"] for s in manifest["shards"]]
+    assert data["shards_by_rank"] == [files[0::2], files[1::2]]
+    rows = {s["file"]: s["rows"] for s in manifest["shards"]}
+    assert data["examples_by_rank"] == [sum(rows[f] for f in files[r::2]) for r in range(2)]
+    assert len(losses(run)) == 3
+
+    # refused by ftl launch itself, before any process starts
+    args = ["launch", str(dist_recipe), "--num-processes", "2", "-o", f"data.train={shards}"]
+    args += ["-o", "data.eval=null", "-o", "data.eval_split=0.1"]
+    assert main([*args, "-o", f"output.dir={tmp_path / 'bad'}"]) == 2
+    err = capsys.readouterr().err
+    assert "data.eval_split" in err and "data.shards_per_rank" in err and "Traceback" not in err
+    assert "ftl launch: ddp" not in err and not (tmp_path / "bad").exists()

@@ -142,3 +142,32 @@ def test_ftl_train_reads_a_shard_folder(tmp_path, cls_recipe, cls_data):
     trainer = Trainer(load_recipe(cls_recipe, [f"data.train={out}", "train.max_steps=1"]))
     assert trainer.data.stats["train_examples"] == n
     trainer.stop.uninstall()
+
+
+def test_each_rank_reads_and_checks_only_its_own_shards(tmp_path):
+    from launcher.data.read import BadRows, read_rows
+    from launcher.errors import UserError
+
+    data = make_tiny.write_jsonl(tmp_path / "d.jsonl", rows(101))
+    out = tmp_path / "s"
+    assert main(["shard", str(data), "--num-shards", "4", "--out", str(out)]) == 0
+    shards = read_shards(out)
+
+    def read(rank: int, world: int) -> list[int]:
+        got = read_rows(
+            out, key="data.train", on_bad_row="error", bad=BadRows(), part=(rank, world)
+        )
+        return [r.data["id"] for r in got]
+
+    ranks = [read(0, 2), read(1, 2)]
+    assert ranks[0] == [r["id"] for r in shards[0] + shards[2]]  # shard i to rank i mod 2
+    assert ranks[1] == [r["id"] for r in shards[1] + shards[3]]
+    assert sorted(ranks[0] + ranks[1]) == list(range(101))  # disjoint and complete
+    # a changed shard stops only the rank that reads it, naming the shard
+    f = out / json.loads((out / MANIFEST).read_text())["shards"][1]["file"]
+    f.write_text(f.read_text().replace('"word', '"w0rd', 1))
+    assert read(0, 2) == ranks[0]
+    with pytest.raises(UserError, match=f.name):
+        read(1, 2)
+    with pytest.raises(UserError, match="4 shards for 8 processes"):
+        read(0, 8)

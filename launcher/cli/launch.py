@@ -82,7 +82,9 @@ def _check_inputs_exist(recipe: Recipe) -> None:
     from launcher.assets import resolve_path
 
     problems = []
-    for key, value in (("data.train", recipe.data.train), ("data.eval", recipe.data.eval)):
+    inputs = [("data.train", recipe.data.train), ("data.eval", recipe.data.eval)]
+    inputs += [(f"data.mix[{i}].path", m.path) for i, m in enumerate(recipe.data.mix)]
+    for key, value in inputs:
         if value and not resolve_path(value, base=Path.cwd()).exists():
             problems.append(Problem(f"{value} does not exist", key=key, hint="fix the path"))
     if problems:
@@ -162,6 +164,11 @@ def run(args: argparse.Namespace) -> int:
         )
         if plan.world_size > 1 and plan.machine_rank == 0:
             _check_port_free(plan.main_port)
+        from launcher.data.read import reads_own_shards
+        from launcher.train.tasks import TASKS
+
+        # shards per rank: refuse what cannot work before any process starts
+        reads_own_shards(recipe.data, plan.world_size, TASKS[recipe.task].uses_labels)
         for name, text in plan.files.items():
             Path(launch_dir, name).write_text(text)
         print(

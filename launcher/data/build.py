@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,28 @@ def split_rows(rows: list[Any], fraction: float, seed: int) -> tuple[list[Any], 
     return ([r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)])
 
 
+def mix_rows(
+    sources: list[list[Any]], weights: list[float], seed: int
+) -> tuple[list[Any], list[dict[str, Any]]]:
+    """Weighted mixture: each source contributes round(weight x rows) rows per epoch, whole
+    copies first and the fraction as a seeded sample without replacement, then the lot is
+    interleaved by one seeded shuffle (the loop shuffles each epoch again). Returns the rows
+    and, per source, its rows and how many the mixture holds."""
+    rng = random.Random(seed)
+    out: list[Any] = []
+    report = []
+    for rows, weight in zip(sources, weights, strict=True):
+        whole, frac = int(weight), weight - int(weight)
+        picked = rows * whole
+        extra = round(frac * len(rows))
+        if extra:
+            picked = picked + [rows[i] for i in sorted(rng.sample(range(len(rows)), extra))]
+        out += picked
+        report.append({"rows": len(rows), "weight": weight, "used": len(picked)})
+    rng.shuffle(out)
+    return out, report
+
+
 def _label_set(cfg: DataCfg, rows: list[Row], kind: str) -> list[str]:
     """The label (or tag) names by id: data.labels, or every one the training rows use."""
     if cfg.labels is not None:
@@ -66,39 +89,93 @@ def _label_set(cfg: DataCfg, rows: list[Row], kind: str) -> list[str]:
     return sorted(found)
 
 
-def _tokenize(
-    rows: list[Row], ctx: FormatContext, fmt: str, cfg: DataCfg, key: str, bad: BadRows
-) -> list[dict[str, Any]]:
-    fn = FORMATS[fmt]
-    out = []
+CHUNK_ROWS = 512  # rows per task when several workers format the data
+
+# what a worker formats with: set before the workers fork, so the tokenizer or processor
+# is inherited, never pickled
+_WORKER: dict[str, Any] = {}
+
+
+def _format_rows(rows: list[Row]) -> tuple[list[tuple[str, Any]], dict[str, int]]:
+    """Each row's outcome, in order: ("ok", example), ("long", None) or ("bad", message),
+    and the stats (truncations...) the format counted on the way."""
+    ctx: FormatContext = _WORKER["ctx"]
+    fn = FORMATS[_WORKER["fmt"]]
+    before = dict(ctx.stats)
+    out: list[tuple[str, Any]] = []
     for row in rows:
         try:
-            out.append(fn(row.data, ctx))
+            out.append(("ok", fn(row.data, ctx)))
         except TooLong:
-            ctx.stats["dropped_too_long"] += 1
+            out.append(("long", None))
         except RowError as e:
-            if cfg.on_bad_row == "skip":
-                bad.add(f"{row.where}: {e}")
-                continue
+            out.append(("bad", str(e)))
+    return out, {k: v - before.get(k, 0) for k, v in ctx.stats.items()}
+
+
+def _outcomes(rows: list[Row], ctx: FormatContext, fmt: str, workers: int) -> list[tuple[str, Any]]:
+    """Format every row, in this process or in `workers` forked ones (the same outcomes in
+    the same order either way; the stats are summed into `ctx.stats`)."""
+    _WORKER.update(ctx=ctx, fmt=fmt)
+    try:
+        if workers <= 1 or len(rows) <= CHUNK_ROWS:
+            return _format_rows(rows)[0]  # counted into ctx.stats in place
+        import multiprocessing as mp
+
+        chunks = [rows[i : i + CHUNK_ROWS] for i in range(0, len(rows), CHUNK_ROWS)]
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no threads over fork
+        with mp.get_context("fork").Pool(workers) as pool:
+            results = pool.map(_format_rows, chunks, chunksize=1)
+        for _, counted in results:
+            for k, v in counted.items():
+                ctx.stats[k] = ctx.stats.get(k, 0) + v
+        return [o for part, _ in results for o in part]
+    finally:
+        _WORKER.clear()
+
+
+def _tokenize(
+    rows: list[Row],
+    ctx: FormatContext,
+    fmt: str,
+    cfg: DataCfg,
+    key: str,
+    bad: BadRows,
+) -> list[dict[str, Any]]:
+    out = []
+    for row, (kind, value) in zip(rows, _outcomes(rows, ctx, fmt, cfg.num_workers), strict=True):
+        if kind == "ok":
+            out.append(value)
+        elif kind == "long":
+            ctx.stats["dropped_too_long"] += 1
+        elif cfg.on_bad_row == "skip":
+            bad.add(f"{row.where}: {value}")
+        else:
             raise UserError(
                 Problem(
-                    str(e),
+                    value,
                     file=row.where,
                     key=key,
                     hint="fix the row, or set data.on_bad_row: skip to drop bad rows",
                 )
-            ) from None
+            )
     return out
 
 
 def load_datasets(
-    cfg: DataCfg, tokenizer: Any, *, label_kind: str = "tokens", images: bool = False
+    cfg: DataCfg,
+    tokenizer: Any,
+    *,
+    label_kind: str = "tokens",
+    images: bool = False,
+    part: tuple[int, int] | None = None,
 ) -> Datasets:
     """Read, split and tokenize the recipe's data; every bad row is reported or counted.
 
     `label_kind` is the task's (see `launcher.train.tasks.Task.label_kind`); token
     classification reads a tag set, classification a label set. `images`: image paths in
     the rows are relative to the data file (for vision chat `tokenizer` is the processor).
+    `part` (rank, world): read only this rank's shards of the data.train shard folder.
     """
     bad = BadRows()
     read = dict(
@@ -113,13 +190,30 @@ def load_datasets(
         if images and cfg.format == "vision_chat"
         else None,
     )
-    train_rows = read_rows(resolve_path(cfg.train, base=Path.cwd()), key="data.train", **read)
+    sources = [(cfg.train, cfg.train_weight, "data.train")] + [
+        (m.path, m.weight, f"data.mix[{i}].path") for i, m in enumerate(cfg.mix)
+    ]
+    per_source = [
+        read_rows(
+            resolve_path(path, base=Path.cwd()), key=key, part=part if i == 0 else None, **read
+        )
+        for i, (path, _, key) in enumerate(sources)
+    ]
     if cfg.eval is not None:
         eval_rows = read_rows(resolve_path(cfg.eval, base=Path.cwd()), key="data.eval", **read)
-    elif cfg.eval_split:
-        train_rows, eval_rows = split_rows(train_rows, cfg.eval_split, cfg.split_seed)
+    elif cfg.eval_split:  # each source holds out its own fraction, before any weighting
+        split = [split_rows(rows, cfg.eval_split, cfg.split_seed) for rows in per_source]
+        per_source = [kept for kept, _ in split]
+        eval_rows = [r for _, held in split for r in held]
     else:
         eval_rows = []
+    mixture = None
+    if cfg.mix:
+        train_rows, mixture = mix_rows(per_source, [w for _, w, _ in sources], cfg.split_seed)
+        for m, (path, _, _) in zip(mixture, sources, strict=True):
+            m["path"] = path
+    else:
+        train_rows = per_source[0]
     if cfg.max_samples is not None:
         train_rows = train_rows[: cfg.max_samples]
     if not train_rows:
@@ -193,6 +287,8 @@ def load_datasets(
         "truncated": ctx.stats["truncated"],
         "dropped_too_long": ctx.stats["dropped_too_long"],
     }
+    if mixture is not None:
+        stats["mixture"] = mixture
     if "dropped_images_too_long" in ctx.stats or cfg.format == "vision_chat":
         stats["dropped_images_too_long"] = ctx.stats.get("dropped_images_too_long", 0)
     return Datasets(train=train, eval=evals, labels=labels, stats=stats)

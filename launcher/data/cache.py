@@ -4,7 +4,8 @@ An entry is a folder `<cache root>/<key>/` holding Parquet shards of the example
 `load_datasets` returns (train and eval, unpacked) and `manifest.json` (the key, what it
 was computed from, checksums of the shards, counts and stats). The key is a sha256 over:
 
-- the content of every data file (data.train, data.eval; a folder: every file in it);
+- the content of every data file (data.train, data.mix, data.eval; a folder: every file
+  in it);
 - the tokenizer's saved files (vocabulary, merges, added and special tokens, settings);
 - the chat template text;
 - `FORMAT_VERSION` (bumped whenever the formatting code changes what it produces);
@@ -40,6 +41,7 @@ from typing import Any
 
 from launcher.assets import resolve_path
 from launcher.data.build import Datasets, load_datasets
+from launcher.data.read import is_shard_folder, own_shards
 from launcher.errors import Problem, UserError
 from launcher.recipe.schema import DataCfg
 
@@ -47,7 +49,8 @@ FORMAT_VERSION = 1  # bump when launcher/data/{formats,build,read}.py change the
 ENTRY_FORMAT = "ftl-data-cache/1"
 MANIFEST = "manifest.json"
 SHARD_ROWS = 20_000  # examples per Parquet shard
-NOT_IN_KEY = ("cache", "cache_dir", "packing")  # settings that cannot change an example
+# settings that cannot change an example
+NOT_IN_KEY = ("cache", "cache_dir", "packing", "num_workers")
 # tokenizer_config.json keys that say where the tokenizer was loaded from, not what it does
 _TOKENIZER_CONFIG_NOISE = ("name_or_path", "is_local", "local_files_only", "chat_template")
 _CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
@@ -86,8 +89,9 @@ def _sha(obj: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _data_files(value: str, key: str) -> dict[str, Any]:
-    """The content hash of a data file, or of every file under a data folder."""
+def _data_files(value: str, key: str, part: tuple[int, int] | None = None) -> dict[str, Any]:
+    """The content hash of a data file, or of every file under a data folder (of a shard
+    folder read by rank `part`: its manifest and that rank's shards)."""
     path = resolve_path(value, base=Path.cwd())
     if not path.exists():
         raise UserError(
@@ -97,7 +101,11 @@ def _data_files(value: str, key: str) -> dict[str, Any]:
                 hint="check the path; relative paths start at the current folder",
             )
         )
-    if path.is_dir():
+    if part is not None and is_shard_folder(path):
+        manifest = json.loads((path / "manifest.json").read_text())
+        mine = ["manifest.json"] + [x["file"] for x in own_shards(manifest["shards"], part, key)]
+        files = {f: _xxh3(path / f) for f in mine if (path / f).is_file()}
+    elif path.is_dir():
         files = {
             str(f.relative_to(path)): _xxh3(f)
             for f in sorted(path.rglob("*"))
@@ -127,7 +135,9 @@ def tokenizer_hash(tokenizer: Any) -> str:
     return h.hexdigest()
 
 
-def components(cfg: DataCfg, tokenizer: Any, *, label_kind: str) -> dict[str, Any]:
+def components(
+    cfg: DataCfg, tokenizer: Any, *, label_kind: str, part: tuple[int, int] | None = None
+) -> dict[str, Any]:
     """Everything the cached examples depend on, each part hashed on its own so that a
     mismatch can be explained by name."""
     from importlib.metadata import version
@@ -137,8 +147,10 @@ def components(cfg: DataCfg, tokenizer: Any, *, label_kind: str) -> dict[str, An
         template = json.dumps(template, sort_keys=True)
     return {
         "format_version": FORMAT_VERSION,
-        "data.train": _data_files(cfg.train, "data.train"),
+        "data.train": _data_files(cfg.train, "data.train", part),
         "data.eval": _data_files(cfg.eval, "data.eval") if cfg.eval is not None else None,
+        "data.mix": [_data_files(m.path, f"data.mix[{i}].path") for i, m in enumerate(cfg.mix)]
+        or None,
         "tokenizer": tokenizer_hash(tokenizer),
         "chat_template": hashlib.sha256(template.encode()).hexdigest() if template else None,
         "data": {k: v for k, v in cfg.model_dump(mode="json").items() if k not in NOT_IN_KEY},
@@ -178,6 +190,11 @@ def explain(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             out.append(f"{name} lost files: {', '.join(removed[:3])}")
         if len(changed) > 3:
             out.append(f"... and {len(changed) - 3} more changed files")
+    mix_a = [m.get("hash") for m in old.get("data.mix") or []]
+    mix_b = [m.get("hash") for m in new.get("data.mix") or []]
+    for i, (ha, hb) in enumerate(zip(mix_a, mix_b, strict=False)):
+        if ha != hb:
+            out.append(f"data file of data.mix[{i}] changed")
     if old.get("tokenizer") != new.get("tokenizer"):
         out.append("the tokenizer differs (vocabulary, added tokens or settings)")
     if old.get("chat_template") != new.get("chat_template"):
@@ -449,15 +466,20 @@ def prepare(
     timeout_s: float = 1800.0,
     force: bool = False,
     log: Callable[[str], Any] | None = None,
+    part: tuple[int, int] | None = None,
 ) -> Prepared:
     """Load the examples from the cache, or build and store them (see `load_or_build`)."""
     say = log or (lambda _msg: None)
     if not cfg.cache or not cacheable(cfg, images):
-        return Prepared(load_datasets(cfg, tokenizer, label_kind=label_kind, images=images), None)
+        return Prepared(
+            load_datasets(cfg, tokenizer, label_kind=label_kind, images=images, part=part), None
+        )
     root = cache_root(cfg, cache_dir)
     explicit = (root / MANIFEST).is_file()  # pointed at one entry, not at a cache folder
     t0 = time.perf_counter()
-    comps = components(cfg, tokenizer, label_kind=label_kind)
+    comps = components(cfg, tokenizer, label_kind=label_kind, part=part)
+    if part is not None:  # this rank's shards only: an entry of its own
+        comps["part"] = list(part)
     key = _sha(comps)
     entry = root if explicit else root / key
     if is_main:  # an old failure for this key is not this run's
@@ -487,7 +509,7 @@ def prepare(
         say(f"data cache: waiting for the main process to build {entry}")
         manifest = wait_for_entry(entry, timeout_s)
         if manifest is None:
-            data = load_datasets(cfg, tokenizer, label_kind=label_kind, images=images)
+            data = load_datasets(cfg, tokenizer, label_kind=label_kind, images=images, part=part)
             return Prepared(data, None)
         return Prepared(load_entry(entry, manifest), entry, manifest=manifest)
     previous = None if explicit or force else _last_entry_for(root, comps)
@@ -495,7 +517,7 @@ def prepare(
     say(f"data cache: miss, building {entry}" + (f" ({'; '.join(why)})" if why else ""))
     try:
         t1 = time.perf_counter()
-        data = load_datasets(cfg, tokenizer, label_kind=label_kind, images=images)
+        data = load_datasets(cfg, tokenizer, label_kind=label_kind, images=images, part=part)
         if not cacheable(cfg, images, data.train + data.eval):
             say("data cache: examples hold more than token ids and labels; not cached")
             _write_failure(entry, None)  # the waiting processes build their own
@@ -520,6 +542,7 @@ def load_or_build(
     timeout_s: float = 1800.0,
     cache_dir: str | None = None,
     log: Callable[[str], Any] | None = None,
+    part: tuple[int, int] | None = None,
 ) -> Datasets:
     """Drop-in for `load_datasets`: the same `Datasets`, from the cache when its key matches.
 
@@ -528,7 +551,9 @@ def load_or_build(
     process's manifest, and raises the main process's error if it failed. With
     `data.cache: false` or an image task it is `load_datasets`, on every process.
     Pass `is_main` True on one process per machine when the cache folder is not shared
-    between machines (e.g. `accelerator.is_local_main_process`).
+    between machines (e.g. `accelerator.is_local_main_process`). `part` (rank, world):
+    only this rank's shards of a shard folder (see `launcher.data.read.own_shards`), in an
+    entry of its own that this rank builds.
     """
     return prepare(
         cfg,
@@ -539,4 +564,5 @@ def load_or_build(
         is_main=is_main,
         timeout_s=timeout_s,
         log=log,
+        part=part,
     ).datasets

@@ -50,6 +50,7 @@ def read_rows(
     tags_field: str = "tags",
     image_field: str | None = None,
     chat_images: tuple[str, str] | None = None,
+    part: tuple[int, int] | None = None,
 ) -> list[Row]:
     """All rows of `path`; malformed ones raise (`on_bad_row: error`) or are counted.
 
@@ -64,7 +65,7 @@ def read_rows(
             )
         )
     if path.is_dir() and (path / "manifest.json").is_file():
-        return _read_shards(path, key, on_bad_row, bad)
+        return _read_shards(path, key, on_bad_row, bad, part)
     if path.is_dir():
         if image_field is not None:
             return _read_image_folders(path, key, image_field, label_field)
@@ -188,14 +189,68 @@ def _read_csv(path: Path, delimiter: str) -> list[Row]:
         ]
 
 
-def _read_shards(path: Path, key: str, on_bad_row: str, bad: BadRows) -> list[Row]:
-    """A folder written by `ftl shard`: its checksums are checked, then every shard is read
-    in order (each rank reads all of them; the loop hands out the micro-batches)."""
+def is_shard_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "manifest.json").is_file()
+
+
+def reads_own_shards(cfg: Any, world: int, uses_labels: bool) -> bool:
+    """Whether each of `world` processes reads only its own shards of data.train (a
+    `DataCfg`); settings that cannot work that way are a UserError, raised before any
+    process reads (by `ftl launch`) and again by every rank (any other launcher)."""
+    from launcher.assets import resolve_path
+
+    if world == 1 or not cfg.shards_per_rank or cfg.mix:
+        return False
+    if not is_shard_folder(resolve_path(cfg.train, base=Path.cwd())):
+        return False
+    if cfg.eval_split:
+        raise UserError(
+            Problem(
+                "data.eval_split would hold out different rows on every rank when each rank "
+                "reads its own shards",
+                key="data.eval_split",
+                hint="give an eval file (data.eval), or set data.shards_per_rank: false",
+            )
+        )
+    if uses_labels and cfg.labels is None:
+        raise UserError(
+            Problem(
+                "each rank reads its own shards, so no rank sees every label",
+                key="data.labels",
+                hint="list the labels in data.labels, or set data.shards_per_rank: false",
+            )
+        )
+    return True
+
+
+def own_shards(shards: list[Any], part: tuple[int, int] | None, key: str) -> list[Any]:
+    """The shards rank `part[0]` of `part[1]` reads: shard i goes to rank i mod world."""
+    if part is None:
+        return shards
+    rank, world = part
+    if len(shards) < world:
+        raise UserError(
+            Problem(
+                f"{len(shards)} shards for {world} processes: every process reads its own "
+                "shards, so some would get none",
+                key=key,
+                hint=f"reshard with `ftl shard ... --num-shards {world}` (or a multiple), or "
+                "set data.shards_per_rank: false",
+            )
+        )
+    return shards[rank::world]
+
+
+def _read_shards(
+    path: Path, key: str, on_bad_row: str, bad: BadRows, part: tuple[int, int] | None = None
+) -> list[Row]:
+    """A folder written by `ftl shard`: its checksums are checked, then the shards are read
+    in order: all of them, or with `part` (rank, world) only this rank's."""
     from launcher.tools.shard import verify
 
-    manifest = verify(path, key)
+    manifest = verify(path, key, select=lambda shards: own_shards(shards, part, key))
     rows: list[Row] = []
-    for s in manifest["shards"]:
+    for s in own_shards(manifest["shards"], part, key):
         rows += _read_jsonl(path / s["file"], key, on_bad_row, bad)
     return rows
 

@@ -108,9 +108,28 @@ class AugmentCfg(Section):
     hflip: bool = Field(False, description="flip half of the images left-right")
 
 
+class MixSource(Section):
+    """One more training source mixed into data.train (same format and fields)."""
+
+    path: str = Field(description="a data file or folder, as data.train")
+    weight: Annotated[float, Field(gt=0.0)] = Field(
+        1.0,
+        description="rows per epoch as a multiple of this source's rows: 2 = every row "
+        "twice, 0.25 = a seeded quarter of them",
+    )
+
+
 class DataCfg(Section):
     format: FormatName = "completion"
     train: str = Field(description="JSONL/JSON/CSV file, or a folder of label folders")
+    train_weight: Annotated[float, Field(gt=0.0)] = Field(
+        1.0, description="data.train's weight in a mixture (see data.mix)"
+    )
+    mix: list[MixSource] = Field(
+        [],
+        description="more training sources, each with a weight: the epoch holds weight x "
+        "rows of each (fractions sample without replacement, seeded by data.split_seed)",
+    )
     eval: str | None = None
     eval_split: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     split_seed: int = 0
@@ -121,6 +140,16 @@ class DataCfg(Section):
         "dropped and counted, or reported as an error with its line",
     )
     on_bad_row: Literal["error", "skip"] = "error"
+    shards_per_rank: bool = Field(
+        True,
+        description="data.train is a shard folder (ftl shard) and several processes train: "
+        "each reads only its own shards (shard i to rank i mod world) instead of all",
+    )
+    num_workers: PosInt = Field(
+        1,
+        description="processes that format and tokenize the rows (forked; the same examples "
+        "in the same order as one); worth it from tens of thousands of rows",
+    )
     packing: bool = Field(
         False,
         description="causal_lm: pack several examples into each row of max_length tokens "

@@ -286,13 +286,14 @@ def shard(
     return manifest
 
 
-def verify(folder: Path, key: str = "data.train") -> dict[str, Any]:
-    """Read a shard folder's manifest and check every shard's size and checksum."""
+def verify(folder: Path, key: str = "data.train", select: Any = None) -> dict[str, Any]:
+    """Read a shard folder's manifest and check every shard's size and checksum (or those
+    `select(shards)` returns: a rank checks only the shards it reads)."""
     path = folder / MANIFEST
     if not path.is_file():
         raise UserError(Problem(f"no {MANIFEST} in {folder}", key=key))
     manifest = json.loads(path.read_text())
-    for s in manifest["shards"]:
+    for s in select(manifest["shards"]) if select else manifest["shards"]:
         f = folder / s["file"]
         if not f.is_file() or f.stat().st_size != s["bytes"] or _hash_file(f) != s["xxh3"]:
             raise UserError(

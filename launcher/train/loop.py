@@ -158,17 +158,20 @@ class Trainer:
             self.tokenizer = load_image_processor(r.model)
         else:
             self.tokenizer = load_tokenizer(r.model, needs_eos=self.task.needs_eos)
+        self.part = self._own_shards()
         # from the content-hashed cache when its key matches (text tasks); on a miss the
         # local main process tokenizes and the others wait on the manifest, outside any
-        # collective, so a long tokenization never trips the process group's timeout
+        # collective, so a long tokenization never trips the process group's timeout (a
+        # rank that reads its own shards builds its own entry)
         self.data: Datasets = load_or_build(
             r.data,
             self.tokenizer,
             label_kind=self.task.label_kind,
             images=images or vlm,
-            is_main=self.acc.is_local_main_process,
+            is_main=self.acc.is_local_main_process or self.part is not None,
             timeout_s=r.distributed.timeout_minutes * 60,
             log=self.acc.print,
+            part=self.part,
         )
         if r.data.packing:
             from launcher.data.pack import pack
@@ -179,10 +182,27 @@ class Trainer:
                 f"packing: {packing['packed_examples']} examples in {packing['packed_rows']} "
                 f"rows of {r.data.max_length} tokens ({packing['packing_efficiency']:.1%} full)"
             )
-        self.sched: Schedule = schedule(t, len(self.data.train), self.acc.num_processes)
+        n_train = len(self.data.train)
+        if self.part is not None:  # every rank runs as many micro-batches as the fullest
+            from accelerate.utils import gather_object
+
+            self.rank_examples = gather_object([n_train])
+            self.rank_batches = max(-(-n // t.micro_batch_size) for n in self.rank_examples)
+            self.data.stats["examples_by_rank"] = self.rank_examples
+            self.data.stats["shards_by_rank"] = gather_object([self._shard_files()])
+            n_train = self.rank_batches * t.micro_batch_size * self.acc.num_processes
+            self.acc.print(
+                f"shards per rank: examples {self.rank_examples}, {self.rank_batches} "
+                "micro-batches per process per epoch (the others wrap around)"
+            )
+        self.sched: Schedule = schedule(t, n_train, self.acc.num_processes)
         self.acc.gradient_accumulation_steps = self.sched.grad_accum
         self.acc.print(f"{self.strategy.name}: {self.sched.accounting()}")
-        identity = rundir.run_identity(r, self.sched, len(self.data.train))
+        identity = rundir.run_identity(
+            r,
+            self.sched,
+            sum(self.rank_examples) if self.part is not None else len(self.data.train),
+        )
 
         self.rss_mb = {"before_model": report.rss_now_mb()}  # per phase, in the summary
         self.dropout_keys = dropout_settings(r.model) if r.model.dropout is not None else []
@@ -358,13 +378,40 @@ class Trainer:
             return collate_packed(batch, self.tokenizer.pad_token_id)
         return collate(batch, self.tokenizer.pad_token_id, label_kind=self.task.label_kind)
 
+    def _own_shards(self) -> tuple[int, int] | None:
+        """(rank, world) when each rank reads only its own shards of data.train."""
+        from launcher.data.read import reads_own_shards
+
+        world = self.acc.num_processes
+        if reads_own_shards(self.recipe.data, world, self.task.uses_labels):
+            return (self.acc.process_index, world)
+        return None
+
+    def _shard_files(self) -> list[str]:
+        from launcher.assets import resolve_path
+        from launcher.data.read import own_shards
+
+        folder = resolve_path(self.recipe.data.train, base=Path.cwd())
+        shards = json.loads((folder / "manifest.json").read_text())["shards"]
+        return [s["file"] for s in own_shards(shards, self.part, "data.train")]
+
     def _train_loader(self, epoch: int, skip_per_process: int) -> Any:
         import torch
         from torch.utils.data import DataLoader
 
-        batches = epoch_batches(
-            len(self.data.train), self.recipe.train.micro_batch_size, self.recipe.train.seed, epoch
-        )
+        t = self.recipe.train
+        if self.part is None:
+            batches = epoch_batches(len(self.data.train), t.micro_batch_size, t.seed, epoch)
+        else:
+            # this rank's own examples, in an order of its own, wrapped around to the common
+            # number of micro-batches; each is listed once per process because accelerate
+            # hands process r every world-th batch of the sampler
+            rank, world = self.part
+            own = epoch_batches(
+                len(self.data.train), t.micro_batch_size, t.seed + 7919 * rank, epoch
+            )
+            own = [own[i % len(own)] for i in range(self.rank_batches)]
+            batches = [b for b in own for _ in range(world)]
         # A generator of its own: a DataLoader draws its base seed from the global RNG
         # otherwise, which would shift dropout masks after a resume.
         dl = DataLoader(
