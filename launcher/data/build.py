@@ -162,6 +162,31 @@ def _tokenize(
     return out
 
 
+def format_context(
+    cfg: DataCfg, tokenizer: Any, labels: list[str] | None = None, label_kind: str = "tokens"
+) -> FormatContext:
+    """What the formats read: the tokenizer (or processor), the limits and field names."""
+    return FormatContext(
+        tokenizer=tokenizer,
+        max_length=cfg.max_length,
+        text_field=cfg.text_field,
+        label_field=cfg.label_field,
+        messages_field=cfg.messages_field,
+        label2id={name: i for i, name in enumerate(labels or [])},
+        prompt_template=cfg.prompt_template,
+        too_long=cfg.too_long,
+        label_kind=label_kind,
+        tokens_field=cfg.tokens_field,
+        tags_field=cfg.tags_field,
+        source_field=cfg.source_field,
+        target_field=cfg.target_field,
+        source_prefix=cfg.source_prefix,
+        max_target_length=cfg.max_target_length,
+        image_field=cfg.image_field,
+        images_field=cfg.images_field,
+    )
+
+
 def load_datasets(
     cfg: DataCfg,
     tokenizer: Any,
@@ -241,25 +266,7 @@ def load_datasets(
                 f"('{field_name}')",
             )
         )
-    ctx = FormatContext(
-        tokenizer=tokenizer,
-        max_length=cfg.max_length,
-        text_field=cfg.text_field,
-        label_field=cfg.label_field,
-        messages_field=cfg.messages_field,
-        label2id={name: i for i, name in enumerate(labels or [])},
-        prompt_template=cfg.prompt_template,
-        too_long=cfg.too_long,
-        label_kind=label_kind,
-        tokens_field=cfg.tokens_field,
-        tags_field=cfg.tags_field,
-        source_field=cfg.source_field,
-        target_field=cfg.target_field,
-        source_prefix=cfg.source_prefix,
-        max_target_length=cfg.max_target_length,
-        image_field=cfg.image_field,
-        images_field=cfg.images_field,
-    )
+    ctx = format_context(cfg, tokenizer, labels, label_kind)
     train = _tokenize(train_rows, ctx, cfg.format, cfg, "data.train", bad)
     evals = _tokenize(eval_rows, ctx, cfg.format, cfg, "data.eval", bad)
     if not train:

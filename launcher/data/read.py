@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,10 +128,17 @@ def _bad(message: str, where: str, key: str, on_bad_row: str, bad: BadRows) -> N
 
 
 def _read_jsonl(path: Path, key: str, on_bad_row: str, bad: BadRows) -> list[Row]:
-    rows = []
+    return list(iter_jsonl(path, key, on_bad_row, bad))
+
+
+def iter_jsonl(
+    path: Path, key: str, on_bad_row: str, bad: BadRows, keep: Any = None
+) -> Iterator[Row]:
+    """The rows of a JSONL file one at a time (memory: one line). `keep(n)`: only lines
+    whose number n it accepts are parsed (a rank's share of a file)."""
     with path.open(encoding="utf-8-sig") as f:
         for n, line in enumerate(f, 1):
-            if not line.strip():
+            if not line.strip() or (keep is not None and not keep(n)):
                 continue
             try:
                 obj = json.loads(line)
@@ -146,8 +154,7 @@ def _read_jsonl(path: Path, key: str, on_bad_row: str, bad: BadRows) -> list[Row
             if not isinstance(obj, dict):
                 _bad("a JSONL row must be an object", f"{path}:{n}", key, on_bad_row, bad)
                 continue
-            rows.append(Row(obj, f"{path}:{n}"))
-    return rows
+            yield Row(obj, f"{path}:{n}")
 
 
 def _read_json(path: Path, key: str, on_bad_row: str, bad: BadRows) -> list[Row]:

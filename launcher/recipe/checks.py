@@ -173,6 +173,35 @@ def _task_settings(r: Recipe) -> Iterator[Hit]:
         )
 
 
+def _streaming(r: Recipe) -> Iterator[Hit]:
+    """Streaming reads data.train as it trains: what needs the whole set up front cannot."""
+    d = r.data
+    if not d.streaming:
+        return
+    if r.task != "causal_lm" or d.format not in ("completion", "alpaca", "chat"):
+        yield (
+            "data.streaming",
+            f"streaming packs causal-LM text; task '{r.task}' with format '{d.format}' is not that",
+            "use task: causal_lm with format completion, alpaca or chat, or remove data.streaming",
+        )
+    if r.train.max_steps is None:
+        yield (
+            "train.max_steps",
+            "a stream has no length known in advance, so epochs cannot set the run",
+            "set train.max_steps",
+        )
+    if d.eval_split:
+        yield (
+            "data.eval_split",
+            "a stream cannot hold rows out before it reads them",
+            "give an eval file (data.eval)",
+        )
+    if d.mix:
+        yield ("data.mix", "mixtures are not streamed yet", "remove data.mix or data.streaming")
+    if d.max_samples is not None:
+        yield ("data.max_samples", "a stream is not cut by rows", "use train.max_steps")
+
+
 def _one_batch_size(r: Recipe) -> Iterator[Hit]:
     if r.train.global_batch_size is not None and r.train.grad_accum != 1:
         yield (
@@ -307,6 +336,7 @@ RULES: list[Callable[[Recipe], Iterator[Hit]]] = [
     _early_stopping_needs_evals,
     _early_stopping_metric,
     _task_settings,
+    _streaming,
     _one_batch_size,
     _deepspeed_config_needs_zero,
     _sharding_keeps_whole_tensors,

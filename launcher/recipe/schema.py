@@ -145,6 +145,14 @@ class DataCfg(Section):
         description="data.train is a shard folder (ftl shard) and several processes train: "
         "each reads only its own shards (shard i to rank i mod world) instead of all",
     )
+    streaming: bool = Field(
+        False,
+        description="causal_lm: read, tokenize and pack data.train as training goes (memory "
+        "bounded by data.shuffle_buffer, whatever the data's size); needs train.max_steps",
+    )
+    shuffle_buffer: PosInt = Field(
+        10_000, description="streaming: examples held for the seeded shuffle"
+    )
     num_workers: PosInt = Field(
         1,
         description="processes that format and tokenize the rows (forked; the same examples "

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from launcher.data.build import Datasets, collate
+from launcher.data.build import Datasets, collate, load_datasets
 from launcher.data.cache import load_or_build
 from launcher.dist.strategies import STRATEGIES
 from launcher.errors import Problem, UserError
@@ -158,22 +158,16 @@ class Trainer:
             self.tokenizer = load_image_processor(r.model)
         else:
             self.tokenizer = load_tokenizer(r.model, needs_eos=self.task.needs_eos)
-        self.part = self._own_shards()
+        self.part = None if r.data.streaming else self._own_shards()
         # from the content-hashed cache when its key matches (text tasks); on a miss the
         # local main process tokenizes and the others wait on the manifest, outside any
         # collective, so a long tokenization never trips the process group's timeout (a
         # rank that reads its own shards builds its own entry)
-        self.data: Datasets = load_or_build(
-            r.data,
-            self.tokenizer,
-            label_kind=self.task.label_kind,
-            images=images or vlm,
-            is_main=self.acc.is_local_main_process or self.part is not None,
-            timeout_s=r.distributed.timeout_minutes * 60,
-            log=self.acc.print,
-            part=self.part,
-        )
-        if r.data.packing:
+        if r.data.streaming:  # train streams in _train_loader; evals come from data.eval
+            self.data = self._eval_only()
+        else:
+            self.data = self._load_data(images or vlm)
+        if r.data.packing and not r.data.streaming:
             from launcher.data.pack import pack
 
             self.data.train, packing = pack(self.data.train, r.data.max_length)
@@ -183,7 +177,12 @@ class Trainer:
                 f"rows of {r.data.max_length} tokens ({packing['packing_efficiency']:.1%} full)"
             )
         n_train = len(self.data.train)
-        if self.part is not None:  # every rank runs as many micro-batches as the fullest
+        if r.data.streaming:  # one endless pass: max_steps optimizer steps of micro-batches
+            from launcher.recipe.resolve import accumulation
+
+            world = self.acc.num_processes
+            n_train = t.max_steps * accumulation(t, world) * t.micro_batch_size * world
+        elif self.part is not None:  # every rank runs as many micro-batches as the fullest
             from accelerate.utils import gather_object
 
             self.rank_examples = gather_object([n_train])
@@ -378,6 +377,58 @@ class Trainer:
             return collate_packed(batch, self.tokenizer.pad_token_id)
         return collate(batch, self.tokenizer.pad_token_id, label_kind=self.task.label_kind)
 
+    def _load_data(self, images: bool) -> Datasets:
+        r = self.recipe
+        return load_or_build(
+            r.data,
+            self.tokenizer,
+            label_kind=self.task.label_kind,
+            images=images,
+            is_main=self.acc.is_local_main_process or self.part is not None,
+            timeout_s=r.distributed.timeout_minutes * 60,
+            log=self.acc.print,
+            part=self.part,
+        )
+
+    def _eval_only(self) -> Datasets:
+        """Streaming: the eval file tokenized up front (the training data streams)."""
+        d = self.recipe.data
+        stats = {"streaming": True, "train_examples": None}
+        if d.eval is None:
+            return Datasets(train=[], eval=[], labels=None, stats=stats)
+        cfg = d.model_copy(update={"train": d.eval, "eval": None, "streaming": False})
+        held = load_datasets(cfg, self.tokenizer, label_kind=self.task.label_kind)
+        stats["eval_examples"] = len(held.train)
+        return Datasets(train=[], eval=held.train, labels=None, stats=stats)
+
+    def _stream_loader(self, skip_per_process: int) -> Any:
+        """This rank's packed stream, collated, on the device; not an accelerate loader
+        (each rank streams its own share; accumulation counts micro-batches)."""
+        from launcher.data.build import format_context
+        from launcher.data.stream import PackedStream
+
+        t = self.recipe.train
+        self.stream = PackedStream(
+            self.recipe.data,
+            format_context(self.recipe.data, self.tokenizer),
+            rank=self.acc.process_index,
+            world=self.acc.num_processes,
+            seed=t.seed,
+            micro_batch=t.micro_batch_size,
+            pad_id=self.tokenizer.pad_token_id,
+            skip=skip_per_process,
+        )
+        device = self.acc.device
+        return (
+            {k: v.to(device) if hasattr(v, "to") else v for k, v in b.items()} for b in self.stream
+        )
+
+    def _stream_stats(self) -> dict[str, Any]:
+        stream = getattr(self, "stream", None)
+        if stream is None:
+            return {}
+        return {**stream.stats, "truncated": stream.ctx.stats["truncated"]}
+
     def _own_shards(self) -> tuple[int, int] | None:
         """(rank, world) when each rank reads only its own shards of data.train."""
         from launcher.data.read import reads_own_shards
@@ -400,6 +451,8 @@ class Trainer:
         from torch.utils.data import DataLoader
 
         t = self.recipe.train
+        if self.recipe.data.streaming:
+            return self._stream_loader(skip_per_process)
         if self.part is None:
             batches = epoch_batches(len(self.data.train), t.micro_batch_size, t.seed, epoch)
         else:
@@ -801,7 +854,7 @@ class Trainer:
             "quantization": self.quant,
             "trainable_parameters": self.n_trainable,
             "schedule": self.sched.as_dict(),
-            "data": self.data.stats,
+            "data": {**self.data.stats, **self._stream_stats()},
             "resumed_from": str(self.resume_from) if self.resume_from else None,
             "starts": sum(1 for r in records if r.get("kind") == "start"),
             "restarts": max(
