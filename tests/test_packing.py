@@ -26,13 +26,27 @@ def test_best_fit_decreasing_places_every_example_once_within_capacity():
     assert best_fit_decreasing([128, 5, 128], 128) == [[0], [2], [1]]
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "ftl_segments"])
 def test_packed_loss_equals_the_examples_one_by_one(attn, tiny_llama):
     """One packed batch against each example on its own: the logits of every segment and
-    the token-weighted loss agree within 1e-5 (no attention across examples)."""
+    the token-weighted loss agree within 1e-5 (no attention across examples). ftl_segments:
+    ftl's CPU backend, attention computed per segment from the batch's cu_seq_lens."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation=attn).eval()
+    from launcher.models import fast_dropout
+
+    impl = "sdpa" if attn == "ftl_segments" else attn
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation=impl).eval()
+    if attn == "ftl_segments":
+        assert fast_dropout.enable(model)
+        calls = []
+        original = fast_dropout.segment_attention
+
+        def counting(*args, **kw):
+            calls.append(1)
+            return original(*args, **kw)
+
+        fast_dropout.segment_attention = counting
     rng = random.Random(1)
     examples = []
     for _ in range(7):
@@ -57,6 +71,9 @@ def test_packed_loss_equals_the_examples_one_by_one(attn, tiny_llama):
             total += out.loss.item() * n
             count += n
             singles.append(out.logits[0])
+    if attn == "ftl_segments":
+        fast_dropout.segment_attention = original
+        assert calls  # the per-segment path ran
     assert packed.loss.item() == pytest.approx(total / count, abs=1e-5)
 
     # every example's logits, found at its place in its packed row

@@ -88,10 +88,20 @@ def collate_packed(rows: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
         labels[i, :n] = torch.tensor(r["labels"])
         positions[i, :n] = torch.tensor(r["position_ids"])
         positions[i, n:] = torch.arange(longest - n)
+    # segment boundaries over the flattened batch, as flash attention's varlen path takes
+    # them (and ftl's CPU attention backend, which then skips the block-diagonal mask)
+    flat = positions.flatten()
+    starts = (flat == 0).nonzero().flatten()
+    cu = torch.cat([starts, torch.tensor([flat.numel()])]).to(torch.int32)
+    lengths = cu[1:] - cu[:-1]
     return {
         "input_ids": ids,
         "labels": labels,
         "position_ids": positions,
+        "cu_seq_lens_q": cu,
+        "cu_seq_lens_k": cu,
+        "max_length_q": int(lengths.max()),
+        "max_length_k": int(lengths.max()),
         # transformers reads restarting positions as packed sequences only without a KV
         # cache; with one (the default in eval mode) segments would attend to each other
         "use_cache": False,

@@ -97,9 +97,13 @@ def attention(
     is_causal: bool | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """Attention backend: explicit softmax + fast dropout when training on CPU, SDPA otherwise."""
+    """Attention backend: per-segment SDPA for packed rows on CPU, explicit softmax + fast
+    dropout when training on CPU, SDPA otherwise."""
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is not None and query.device.type == "cpu" and kwargs.get("position_bias") is None:
+        return segment_attention(module, query, key, value, cu, dropout, scaling)
     if (
         dropout == 0.0
         or not module.training
@@ -139,6 +143,43 @@ def attention(
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     probs = fast_dropout(probs, dropout, True)
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
+
+
+def segment_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seq_lens: torch.Tensor,
+    dropout: float,
+    scaling: float | None,
+) -> tuple[torch.Tensor, None]:
+    """Causal attention within each packed segment only (the CPU counterpart of flash
+    attention's varlen path): segment boundaries are `cu_seq_lens` over the flattened
+    batch, as `collate_packed` gives them. A packed row of n segments then costs the sum
+    of their squares, not the row's square, in time and in the memory kept for backward."""
+    import torch.nn.functional as F
+
+    b, h, length, d = query.shape
+    kv_heads = key.shape[1]
+    q = query.transpose(1, 2).reshape(b * length, h, d)
+    k = key.transpose(1, 2).reshape(b * length, kv_heads, d)
+    v = value.transpose(1, 2).reshape(b * length, kv_heads, d)
+    out = torch.empty_like(q)
+    p = dropout if module.training else 0.0
+    bounds = cu_seq_lens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        o = F.scaled_dot_product_attention(
+            q[start:end].transpose(0, 1).unsqueeze(0),
+            k[start:end].transpose(0, 1).unsqueeze(0),
+            v[start:end].transpose(0, 1).unsqueeze(0),
+            dropout_p=p,
+            is_causal=True,
+            scale=scaling,
+            enable_gqa=kv_heads != h,
+        )
+        out[start:end] = o[0].transpose(0, 1)
+    return out.view(b, length, h, d), None
 
 
 def register() -> str:
