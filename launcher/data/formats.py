@@ -124,6 +124,31 @@ def alpaca(row: dict[str, Any], ctx: FormatContext) -> dict[str, Any]:
     return _finish_lm(ctx, prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + answer_ids)
 
 
+def render_with_spans(
+    renderer: Any, msgs: list[dict[str, Any]]
+) -> tuple[str, list[tuple[int, int]]]:
+    """The conversation rendered by `renderer.apply_chat_template` (a tokenizer or a
+    processor), and the character span each assistant turn adds: render(msgs[:i+1]) minus
+    render(msgs[:i], generation prompt)."""
+
+    def render(part: list[dict[str, Any]], gen: bool) -> str:
+        try:
+            return renderer.apply_chat_template(part, tokenize=False, add_generation_prompt=gen)
+        except Exception as e:  # jinja's raise_exception(): e.g. roles must alternate
+            raise RowError(f"the chat template refused this conversation: {e}") from None
+
+    full = render(msgs, False)
+    spans = []
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        prompt, turn = render(msgs[:i], True), render(msgs[: i + 1], False)
+        if not (full.startswith(turn) and turn.startswith(prompt)):
+            raise RowError("the chat template does not render conversations incrementally")
+        spans.append((len(prompt), len(turn)))
+    return full, spans
+
+
 def chat(row: dict[str, Any], ctx: FormatContext) -> dict[str, Any]:
     """OpenAI-style messages rendered with the tokenizer's chat template.
 
@@ -158,21 +183,7 @@ def chat(row: dict[str, Any], ctx: FormatContext) -> dict[str, Any]:
     if tok.chat_template is None:
         raise RowError("the tokenizer has no chat template (use format: alpaca or completion)")
 
-    def render(part: list[dict[str, Any]], gen: bool) -> str:
-        try:
-            return tok.apply_chat_template(part, tokenize=False, add_generation_prompt=gen)
-        except Exception as e:  # jinja's raise_exception(): e.g. roles must alternate
-            raise RowError(f"the chat template refused this conversation: {e}") from None
-
-    full = render(msgs, False)
-    spans = []
-    for i, m in enumerate(msgs):
-        if m["role"] != "assistant":
-            continue
-        prompt, turn = render(msgs[:i], True), render(msgs[: i + 1], False)
-        if not (full.startswith(turn) and turn.startswith(prompt)):
-            raise RowError("the chat template does not render conversations incrementally")
-        spans.append((len(prompt), len(turn)))
+    full, spans = render_with_spans(tok, msgs)
     enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     labels = [IGNORE] * len(ids)

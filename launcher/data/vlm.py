@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from launcher.data.formats import IGNORE, FormatContext, RowError, TooLong
+from launcher.data.formats import IGNORE, FormatContext, RowError, TooLong, render_with_spans
 from launcher.data.images import check_image
 
 PLACEHOLDER = "<image>"
@@ -123,21 +123,7 @@ def vision_chat(row: dict[str, Any], ctx: FormatContext) -> dict[str, Any]:
     if prefix_lm(proc):
         return _prefix_suffix(msgs, paths, ctx)
 
-    def render(part: list[dict[str, Any]], gen: bool) -> str:
-        try:
-            return proc.apply_chat_template(part, tokenize=False, add_generation_prompt=gen)
-        except Exception as e:  # jinja's raise_exception(): e.g. roles must alternate
-            raise RowError(f"the chat template refused this conversation: {e}") from None
-
-    full = render(msgs, False)
-    spans = []
-    for i, m in enumerate(msgs):
-        if m["role"] != "assistant":
-            continue
-        prompt, turn = render(msgs[:i], True), render(msgs[: i + 1], False)
-        if not (full.startswith(turn) and turn.startswith(prompt)):
-            raise RowError("the chat template does not render conversations incrementally")
-        spans.append((len(prompt), len(turn)))
+    full, spans = render_with_spans(proc, msgs)
     try:
         enc = proc(
             text=[full],
