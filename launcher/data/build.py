@@ -62,18 +62,22 @@ def mix_rows(
     return out, report
 
 
+def _empty(cfg: DataCfg, why: str) -> UserError:
+    return UserError(
+        Problem(
+            f"the training data is empty ({cfg.train}: {why})",
+            key="data.train",
+            hint="point data.train at a file with examples",
+        )
+    )
+
+
 def _label_set(cfg: DataCfg, rows: list[Row], kind: str) -> list[str]:
     """The label (or tag) names by id: data.labels, or every one the training rows use."""
     if cfg.labels is not None:
         return list(cfg.labels)
     found: set[str] = set()
-    ctx = FormatContext(
-        tokenizer=None,
-        max_length=1,
-        label_field=cfg.label_field,
-        tokens_field=cfg.tokens_field,
-        tags_field=cfg.tags_field,
-    )
+    ctx = format_context(cfg, None)
     for r in rows:
         try:
             if kind == "tags":
@@ -242,14 +246,7 @@ def load_datasets(
     if cfg.max_samples is not None:
         train_rows = train_rows[: cfg.max_samples]
     if not train_rows:
-        raise UserError(
-            Problem(
-                f"the training data is empty ({cfg.train}: no rows read, "
-                f"{bad.count} bad rows skipped)",
-                key="data.train",
-                hint="point data.train at a file with examples",
-            )
-        )
+        raise _empty(cfg, f"no rows read, {bad.count} bad rows skipped")
     set_kind = "tags" if cfg.format == "token_tags" else label_kind
     labels = (
         _label_set(cfg, train_rows, set_kind)
@@ -270,13 +267,10 @@ def load_datasets(
     train = _tokenize(train_rows, ctx, cfg.format, cfg, "data.train", bad)
     evals = _tokenize(eval_rows, ctx, cfg.format, cfg, "data.eval", bad)
     if not train:
-        raise UserError(
-            Problem(
-                f"the training data is empty ({cfg.train}: {len(train_rows)} rows read, "
-                f"{bad.count} bad rows skipped, {ctx.stats['dropped_too_long']} too long)",
-                key="data.train",
-                hint="point data.train at a file with examples",
-            )
+        raise _empty(
+            cfg,
+            f"{len(train_rows)} rows read, {bad.count} bad rows skipped, "
+            f"{ctx.stats['dropped_too_long']} too long",
         )
     if (cfg.eval is not None or cfg.eval_split) and not evals:
         raise UserError(

@@ -41,7 +41,7 @@ from typing import Any
 
 from launcher.assets import resolve_path
 from launcher.data.build import Datasets, load_datasets
-from launcher.data.read import is_shard_folder, own_shards
+from launcher.data.read import existing, is_shard_folder, own_shards
 from launcher.errors import Problem, UserError
 from launcher.recipe.schema import DataCfg
 
@@ -92,15 +92,7 @@ def _sha(obj: Any) -> str:
 def _data_files(value: str, key: str, part: tuple[int, int] | None = None) -> dict[str, Any]:
     """The content hash of a data file, or of every file under a data folder (of a shard
     folder read by rank `part`: its manifest and that rank's shards)."""
-    path = resolve_path(value, base=Path.cwd())
-    if not path.exists():
-        raise UserError(
-            Problem(
-                f"data file not found: {path}",
-                key=key,
-                hint="check the path; relative paths start at the current folder",
-            )
-        )
+    path = existing(resolve_path(value, base=Path.cwd()), key)
     if part is not None and is_shard_folder(path):
         manifest = json.loads((path / "manifest.json").read_text())
         mine = ["manifest.json"] + [x["file"] for x in own_shards(manifest["shards"], part, key)]

@@ -39,6 +39,19 @@ class BadRows:
             self.examples.append(message)
 
 
+def existing(path: Path, key: str) -> Path:
+    """`path`, or the one "data file not found" error every data reader gives."""
+    if not path.exists():
+        raise UserError(
+            Problem(
+                f"data file not found: {path}",
+                key=key,
+                hint="check the path; relative paths start at the current folder",
+            )
+        )
+    return path
+
+
 def read_rows(
     path: Path,
     *,
@@ -57,14 +70,7 @@ def read_rows(
 
     `image_field` (image classification) and `chat_images` (vision chat: the images and
     messages fields) make image paths relative to the data file's folder."""
-    if not path.exists():
-        raise UserError(
-            Problem(
-                f"data file not found: {path}",
-                key=key,
-                hint="check the path; relative paths start at the current folder",
-            )
-        )
+    existing(path, key)
     if path.is_dir() and (path / "manifest.json").is_file():
         return _read_shards(path, key, on_bad_row, bad, part)
     if path.is_dir():

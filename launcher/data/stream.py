@@ -25,16 +25,14 @@ from typing import Any
 from launcher.assets import resolve_path
 from launcher.data.formats import FORMATS, FormatContext, RowError, TooLong
 from launcher.data.pack import IGNORE
-from launcher.data.read import BadRows, is_shard_folder, iter_jsonl, own_shards
+from launcher.data.read import BadRows, existing, is_shard_folder, iter_jsonl, own_shards
 from launcher.errors import Problem, UserError
 from launcher.recipe.schema import DataCfg
 
 
 def _sources(cfg: DataCfg, rank: int, world: int) -> list[tuple[Path, Any]]:
     """(file, line filter) pairs this rank reads."""
-    path = resolve_path(cfg.train, base=Path.cwd())
-    if not path.exists():
-        raise UserError(Problem(f"data file not found: {path}", key="data.train"))
+    path = existing(resolve_path(cfg.train, base=Path.cwd()), "data.train")
     if is_shard_folder(path):
         from launcher.tools.shard import verify
 
