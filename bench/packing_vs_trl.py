@@ -13,14 +13,18 @@ number of optimizer steps, no eval, nothing saved:
 
 - ftl-padded: `ftl train RECIPE -o data.packing=false` (one example per row, padded to
   the longest of the micro-batch);
-- ftl-packed: `ftl train RECIPE -o data.packing=true` (best-fit decreasing into rows of
-  512 tokens, position ids restarting per example, no attention mask);
+- ftl-packed: `ftl train RECIPE -o data.packing=true` (ftl's default packing on CPU:
+  padding-free, best-fit decreasing into bins of 4 x 512 tokens, each bin one row that is
+  the whole micro-batch, position ids restarting per example, attention per segment, no
+  padding; `-o data.padding_free=false` would give 4 rows of 512 instead);
 - trl-padded: bench/trl_sft.py, `SFTConfig(packing=False, max_length=512, ...)`;
 - trl-packed: bench/trl_sft.py --packing, `SFTConfig(packing=True, max_length=512, ...)`
   (TRL 1.16's defaults: BFD packing, padding-free batches).
 
-A micro-batch is 4 rows on every side, so the packed sides see ~5 examples per row and
-~5x the tokens per step: tokens/s is the fair comparison, not steps/s.
+A micro-batch is 4 rows of up to 512 tokens (ftl packed: one row of up to 2048), so the
+packed sides see ~20 examples and ~5x the tokens per step: tokens/s is the fair
+comparison, not steps/s. Every ftl side computes the vocabulary logits only where the next
+token is a target (`logits_to_keep`), as every ftl causal-LM run does.
 
 Measured per side: non-padding tokens/s (the tokens the model really sees) over the steps
 after `--skip` warm-up steps, from the end of step `skip` to the end of the last step, and
@@ -100,14 +104,17 @@ def ftl_plan(recipe: Path, overrides: list[str], steps: int) -> dict:
     from launcher.data.pack import pack
     from launcher.models.build import load_tokenizer
     from launcher.recipe import load_recipe
-    from launcher.train.loop import epoch_batches
+    from launcher.train.loop import epoch_batches, padding_free
 
     r = load_recipe(str(recipe), overrides)
     tok = load_tokenizer(r.model, needs_eos=True)
     data = load_datasets(r.data, tok, label_kind="tokens")
     examples = data.train
-    rows, stats = pack(examples, r.data.max_length) if r.data.packing else (examples, {})
-    batches = epoch_batches(len(rows), r.train.micro_batch_size, r.train.seed, 0)[:steps]
+    micro = r.train.micro_batch_size
+    flat = r.data.packing and padding_free(r, "cpu")  # one row of micro x max_length a step
+    per_bin = micro if flat else 1
+    rows, stats = pack(examples, r.data.max_length, per_bin) if r.data.packing else (examples, {})
+    batches = epoch_batches(len(rows), 1 if flat else micro, r.train.seed, 0)[:steps]
 
     def loss_tokens(row: dict) -> int:  # targets after the causal shift
         return sum(1 for x in row["labels"][1:] if x != -100)

@@ -185,12 +185,30 @@ def test_regex_target_modules_wrap_only_what_matches(chat_recipe, tmp_path):
 
 
 def test_lora_dropout_gets_the_fast_cpu_dropout(chat_recipe):
-    from launcher.models.fast_dropout import FastDropout
+    """On CPU each LoRA dropout is folded into its lora_A (fast masks, a 1-byte mask kept
+    for backward); with train.fast_dropout off PEFT's own modules stay."""
+    from torch import nn
+
+    from launcher.models.fast_dropout import DroppedLoraA
 
     trainer = Trainer(load_recipe(chat_recipe, ["adapter.dropout=0.1", "train.max_steps=1"]))
     model = trainer.acc.unwrap_model(trainer.model)
-    lora = [m for n, m in model.named_modules() if n.endswith("lora_dropout.default")]
-    assert lora and all(type(m) is FastDropout for m in lora)
+    drops = [m for n, m in model.named_modules() if n.endswith("lora_dropout.default")]
+    a_layers = [m for n, m in model.named_modules() if n.endswith("lora_A.default")]
+    assert drops and all(type(m) is nn.Identity for m in drops)
+    assert len(a_layers) == len(drops) and all(type(m) is DroppedLoraA for m in a_layers)
+    assert all(m.p == 0.1 for m in a_layers)
+
+    trainer = Trainer(
+        load_recipe(
+            chat_recipe,
+            ["adapter.dropout=0.1", "train.max_steps=1", "train.fast_dropout=false"],
+        ),
+        overwrite=True,
+    )
+    model = trainer.acc.unwrap_model(trainer.model)
+    drops = [m for n, m in model.named_modules() if n.endswith("lora_dropout.default")]
+    assert drops and all(type(m) is nn.Dropout for m in drops)
 
 
 def test_paged_and_8bit_optimizers_train(chat_recipe, tmp_path):

@@ -41,11 +41,19 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
-def pack(examples: list[dict[str, Any]], max_length: int) -> tuple[list[dict[str, Any]], dict]:
-    """Packed rows (input_ids, labels, position_ids, n_examples) and packing stats."""
+def pack(
+    examples: list[dict[str, Any]], max_length: int, rows_per_bin: int = 1
+) -> tuple[list[dict[str, Any]], dict]:
+    """Packed rows (input_ids, labels, position_ids, n_examples) and packing stats.
+
+    `rows_per_bin` > 1 packs padding-free micro-batches: bins of rows_per_bin x max_length
+    tokens, each one row that is a whole micro-batch (every example still at most
+    max_length, so positions stay within the model's). Small examples in a bigger bin
+    leave almost no room unused, and the row carries no padding at all."""
     lengths = [len(e["input_ids"]) for e in examples]
+    capacity = max_length * rows_per_bin
     rows = []
-    for members in best_fit_decreasing(lengths, max_length):
+    for members in best_fit_decreasing(lengths, capacity):
         ids: list[int] = []
         labels: list[int] = []
         positions: list[int] = []
@@ -66,7 +74,8 @@ def pack(examples: list[dict[str, Any]], max_length: int) -> tuple[list[dict[str
     stats = {
         "packed_rows": len(rows),
         "packed_examples": len(examples),
-        "packing_efficiency": round(tokens / (len(rows) * max_length), 4) if rows else 0.0,
+        "packing_efficiency": round(tokens / (len(rows) * capacity), 4) if rows else 0.0,
+        "packed_row_tokens": capacity,
     }
     return rows, stats
 

@@ -75,6 +75,89 @@ class FastDropout(nn.Module):
         return f"p={self.p}"
 
 
+class _DroppedLinear(torch.autograd.Function):
+    """y = (x * mask * scale) @ W^T, keeping x and the boolean mask for backward.
+
+    Unfused, PEFT's `lora_A(dropout(x))` keeps two float copies of x per adapted layer:
+    the dropout's scale tensor and the dropped input that lora_A's weight gradient
+    reads. Here the backward rebuilds the dropped input from x (held anyway, and shared by
+    q/k/v and gate/up, which read the same tensor) and a 1-byte mask: 8 bytes per element
+    per layer become 1 (1.3 GB less at 2048 tokens of SmolLM2-135M under LoRA on every
+    linear layer). The same arithmetic as unfused, so the same numbers."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        ctx.save_for_backward(x, weight, mask)
+        ctx.scale = scale
+        return nn.functional.linear(x * mask.to(x.dtype).mul_(scale), weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, Any, None, None]:
+        x, weight, mask = ctx.saved_tensors
+        scale = mask.to(grad.dtype).mul_(ctx.scale)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad @ weight) * scale
+        if ctx.needs_input_grad[1]:
+            dropped = (x * scale).reshape(-1, x.shape[-1])
+            grad_w = grad.reshape(-1, grad.shape[-1]).t() @ dropped
+        return grad_x, grad_w, None, None
+
+
+class DroppedLoraA(nn.Linear):
+    """PEFT's `lora_A` with the adapter's dropout folded in (`_DroppedLinear` when
+    training on CPU in full precision, dropout then linear otherwise). It replaces the
+    `nn.Linear` in place: the same weight Parameter under the same state-dict key."""
+
+    p: float = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            not self.training
+            or self.p == 0.0
+            or self.p > 0.99
+            or x.device.type != "cpu"
+            or not torch.is_grad_enabled()
+            or torch.is_autocast_enabled(x.device.type)
+        ):
+            return super().forward(fast_dropout(x, self.p, self.training))
+        mask = keep_mask(x.shape, self.p)  # the same draw FastDropout would make
+        return _DroppedLinear.apply(x, self.weight, mask, 1.0 / (1.0 - self.p))
+
+
+def fuse_lora_dropout(model: nn.Module) -> int:
+    """Fold each plain LoRA layer's dropout into its lora_A (`DroppedLoraA`); returns how
+    many. Variants (DoRA) read the dropped input themselves and stay as they are."""
+    count = 0
+    for layer in model.modules():
+        drops, a_layers = getattr(layer, "lora_dropout", None), getattr(layer, "lora_A", None)
+        if not isinstance(drops, nn.ModuleDict) or not isinstance(a_layers, nn.ModuleDict):
+            continue
+        variants = getattr(layer, "lora_variant", {}) or {}
+        for name, drop in list(drops.items()):
+            if name not in a_layers:
+                continue
+            a = a_layers[name]
+            if (
+                name in variants
+                or type(drop) not in (nn.Dropout, FastDropout)
+                or drop.p == 0.0
+                or type(a) is not nn.Linear
+                or a.bias is not None
+            ):
+                continue
+            fused = DroppedLoraA(a.in_features, a.out_features, bias=False, device="meta")
+            fused.weight = a.weight
+            fused.p = drop.p
+            fused.train(a.training)
+            a_layers[name] = fused
+            drops[name] = nn.Identity()
+            count += 1
+    return count
+
+
 def swap_dropout(model: nn.Module) -> int:
     """Replace every `nn.Dropout` in `model` by `FastDropout`; returns how many."""
     count = 0

@@ -165,6 +165,12 @@ def _task_settings(r: Recipe) -> Iterator[Hit]:
             f"packing joins causal-LM examples; task '{r.task}' has one label per example",
             "remove data.packing",
         )
+    if r.data.padding_free is not None and not r.data.packing:
+        yield (
+            "data.padding_free",
+            "padding-free micro-batches are a way of packing, and packing is off",
+            "set data.packing: true, or remove data.padding_free",
+        )
     if task.label_kind == "score" and r.data.labels is not None:
         yield (
             "data.labels",

@@ -164,6 +164,14 @@ class DataCfg(Section):
         "(best-fit decreasing; position ids restart per example, no attention across "
         "examples); micro_batch_size then counts rows",
     )
+    padding_free: bool | None = Field(
+        None,
+        description="packing: each micro-batch is one row of up to micro_batch_size x "
+        "max_length tokens (bins that size, no padding at all) instead of micro_batch_size "
+        "padded rows; needs attention that runs per segment (flash attention's varlen "
+        "path, or ftl's CPU backend), else it is correct but slower; default: on where "
+        "it has that (CPU with train.fast_dropout, or flash_attention_2)",
+    )
     max_samples: PosInt | None = None
     # field names inside each row
     text_field: str = "text"

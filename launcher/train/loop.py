@@ -43,7 +43,7 @@ from launcher.train import checkpoint, distributed, report, rundir
 from launcher.train.optim import build_optimizer, build_scheduler
 from launcher.train.regularize import L2SP, pretrained_parameters
 from launcher.train.signals import STOP
-from launcher.train.tasks import TASKS, Task
+from launcher.train.tasks import TASKS, Task, next_token_mask, supports_kept_logits
 
 BEST = "best"  # the best evaluated model so far (early_stopping.restore_best)
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
@@ -167,16 +167,26 @@ class Trainer:
             self.data = self._eval_only()
         else:
             self.data = self._load_data(images or vlm)
+        # rows per micro-batch: padding-free packing makes each micro-batch one long row
+        self.rows_per_batch = t.micro_batch_size
         if r.data.packing and not r.data.streaming:
             from launcher.data.pack import pack
 
-            self.data.train, packing = pack(self.data.train, r.data.max_length)
-            self.data.stats.update(packing)
+            flat = padding_free(r, self.acc.device.type)
+            if flat:
+                self.rows_per_batch = 1
+            self.data.train, packing = pack(
+                self.data.train, r.data.max_length, t.micro_batch_size if flat else 1
+            )
+            self.data.stats.update(packing, padding_free=flat)
             self.acc.print(
                 f"packing: {packing['packed_examples']} examples in {packing['packed_rows']} "
-                f"rows of {r.data.max_length} tokens ({packing['packing_efficiency']:.1%} full)"
+                f"rows of {packing['packed_row_tokens']} tokens "
+                f"({packing['packing_efficiency']:.1%} full"
+                + (", padding-free: one row per micro-batch)" if flat else ")")
             )
-        n_train = len(self.data.train)
+        # as many micro-batches as examples would give (a padding-free row is a whole one)
+        n_train = len(self.data.train) * t.micro_batch_size // self.rows_per_batch
         if r.data.streaming:  # one endless pass: max_steps optimizer steps of micro-batches
             from launcher.recipe.resolve import accumulation
 
@@ -185,8 +195,8 @@ class Trainer:
         elif self.part is not None:  # every rank runs as many micro-batches as the fullest
             from accelerate.utils import gather_object
 
-            self.rank_examples = gather_object([n_train])
-            self.rank_batches = max(-(-n // t.micro_batch_size) for n in self.rank_examples)
+            self.rank_examples = gather_object([len(self.data.train)])
+            self.rank_batches = max(-(-n // self.rows_per_batch) for n in self.rank_examples)
             self.data.stats["examples_by_rank"] = self.rank_examples
             self.data.stats["shards_by_rank"] = gather_object([self._shard_files()])
             n_train = self.rank_batches * t.micro_batch_size * self.acc.num_processes
@@ -220,6 +230,8 @@ class Trainer:
             check_max_length(model, r.data.max_length)
         if self.task.label_kind == "target":  # so may the decoder
             check_max_length(model, r.data.max_target_length, "data.max_target_length")
+        # causal LMs compute the vocabulary logits only where the next token is a target
+        self.kept_logits = self.task.next_token and supports_kept_logits(model)
         self.quant = describe_quantization(model)
         if self.quant:
             self.acc.print(
@@ -227,7 +239,7 @@ class Trainer:
             )
         fast_dropout = t.fast_dropout and self.acc.device.type == "cpu"
         if fast_dropout:
-            from launcher.models.fast_dropout import enable, swap_dropout
+            from launcher.models.fast_dropout import enable, fuse_lora_dropout, swap_dropout
 
             enable(model)
         text_tok = self.tokenizer.tokenizer if vlm else self.tokenizer
@@ -256,6 +268,8 @@ class Trainer:
         )
         if fast_dropout:
             swap_dropout(model)  # the adapter's own dropouts (lora_dropout), new since enable()
+            if not self.strategy.shards_params:  # ZeRO-3 / FSDP gather weights themselves
+                fuse_lora_dropout(model)  # no float copies of each LoRA input for backward
         self.l2sp = L2SP(pretrained, t.l2sp) if t.l2sp > 0 else None
         self.n_params = sum(distributed.numel(p) for p in model.parameters())
         self.n_trainable = sum(distributed.numel(p) for p in model.parameters() if p.requires_grad)
@@ -454,14 +468,14 @@ class Trainer:
         if self.recipe.data.streaming:
             return self._stream_loader(skip_per_process)
         if self.part is None:
-            batches = epoch_batches(len(self.data.train), t.micro_batch_size, t.seed, epoch)
+            batches = epoch_batches(len(self.data.train), self.rows_per_batch, t.seed, epoch)
         else:
             # this rank's own examples, in an order of its own, wrapped around to the common
             # number of micro-batches; each is listed once per process because accelerate
             # hands process r every world-th batch of the sampler
             rank, world = self.part
             own = epoch_batches(
-                len(self.data.train), t.micro_batch_size, t.seed + 7919 * rank, epoch
+                len(self.data.train), self.rows_per_batch, t.seed + 7919 * rank, epoch
             )
             own = [own[i % len(own)] for i in range(self.rank_batches)]
             batches = [b for b in own for _ in range(world)]
@@ -512,12 +526,7 @@ class Trainer:
                 for batch in self._train_loader(epoch, skip):
                     tokens, samples = _counts(batch)
                     with self.acc.accumulate(self.model):
-                        out = self.model(**batch)
-                        task_loss = (
-                            self.task.smoothed_loss(out, batch, t.label_smoothing)
-                            if t.label_smoothing > 0
-                            else out.loss
-                        )
+                        task_loss = self._forward_loss(batch)
                         loss = task_loss if self.l2sp is None else task_loss + self.l2sp.penalty()
                         group_loss += task_loss.detach()
                         group_n += 1
@@ -593,6 +602,17 @@ class Trainer:
             restored = self._save_final()
         return self._finish(status, train_time, throughput, restored)
 
+    def _forward_loss(self, batch: dict[str, Any]) -> Any:
+        """The training loss of one micro-batch (the mean over its targets)."""
+        smoothing = self.recipe.train.label_smoothing
+        if self.kept_logits:
+            keep = next_token_mask(batch["labels"])
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            out = self.model(**inputs, logits_to_keep=keep)
+            return self.task.smoothed_loss(out, batch, smoothing, keep=keep)
+        out = self.model(**batch)
+        return self.task.smoothed_loss(out, batch, smoothing) if smoothing > 0 else out.loss
+
     def _sum(self, value: int) -> int:
         if self.acc.num_processes == 1:
             return value
@@ -653,7 +673,12 @@ class Trainer:
         with torch.no_grad() if deepspeed else torch.inference_mode():
             for batch in self.eval_loader:
                 inputs = {k: v for k, v in batch.items() if k != "labels" or self.task.feeds_labels}
-                loss_sum, count, pred = self.task.eval_batch(self.model(**inputs), batch)
+                if self.kept_logits:
+                    keep = next_token_mask(batch["labels"])
+                    out = self.model(**inputs, logits_to_keep=keep)
+                    loss_sum, count, pred = self.task.eval_batch(out, batch, keep=keep)
+                else:
+                    loss_sum, count, pred = self.task.eval_batch(self.model(**inputs), batch)
                 if self.task.generates:
                     pred = self._generate(batch)
                 # gather_for_metrics drops the samples repeated to even out the last batch
@@ -882,6 +907,19 @@ def _counts(batch: dict[str, Any]) -> tuple[int, int]:
     if "input_ids" not in batch:  # image classification
         return 0, batch["pixel_values"].shape[0]
     return int(batch["attention_mask"].sum()), batch["input_ids"].shape[0]
+
+
+def padding_free(recipe: Recipe, device: str) -> bool:
+    """Whether packed micro-batches are one row each (data.padding_free, or where attention
+    runs per segment: ftl's CPU backend, flash attention's varlen path). Under attention
+    that masks a whole row instead, one row of 4 x 512 tokens costs 4x the attention of
+    4 rows of 512, so rows of max_length stay the default there."""
+    if recipe.data.padding_free is not None:
+        return recipe.data.padding_free
+    attn = recipe.model.attn_implementation
+    if device == "cpu":
+        return recipe.train.fast_dropout and attn in (None, "sdpa")
+    return attn is not None and attn.startswith("flash")
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -39,6 +39,9 @@ class Task:
     modality: str = "text"
     head_modules: tuple[str, ...] = ()  # new head modules PEFT does not know to train
     lower_is_better: tuple[str, ...] = ("eval_loss", "perplexity")
+    # next-token loss: the model may compute logits only where the next token is a target
+    # (eval_batch and smoothed_loss then take `keep=next_token_mask(labels)`)
+    next_token: bool = False
 
     @property
     def uses_labels(self) -> bool:
@@ -52,19 +55,55 @@ class EvalContext:
     label_names: list[str] | None
 
 
-def _lm_eval_batch(out: Any, batch: dict[str, Any]) -> tuple[Any, Any, None]:
-    """Summed next-token loss and token count per sequence (labels shift inside)."""
+def next_token_mask(labels: Any) -> Any:
+    """[batch, length] bool, True where the next token is a target: the only positions whose
+    logits a causal-LM loss reads. transformers' `logits_to_keep` takes it and projects
+    just those hidden states onto the vocabulary (chat SFT learns ~1 token in 5, and the
+    head is a fifth of a small model's compute and most of its activation memory)."""
+    import torch
+
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != -100
+    return keep
+
+
+def supports_kept_logits(model: Any) -> bool:
+    """The model's forward slices hidden states by a boolean `logits_to_keep` mask
+    (transformers' `slice_logits_to_keep`; every causal LM and VLM of transformers 5)."""
+    import inspect
+
+    try:
+        source = inspect.getsource(type(model).forward)
+    except (OSError, TypeError):
+        return False
+    return "slice_logits_to_keep(" in source
+
+
+def _lm_eval_batch(out: Any, batch: dict[str, Any], keep: Any = None) -> tuple[Any, Any, None]:
+    """Summed next-token loss and token count per sequence (labels shift inside). With
+    `keep` (next_token_mask), the logits are those of the kept positions only, flattened."""
+    import torch
     import torch.nn.functional as F
 
+    if keep is not None:
+        labels = batch["labels"]
+        loss = F.cross_entropy(out.logits.float(), labels[:, 1:][keep[:, :-1]], reduction="none")
+        rows = keep.nonzero()[:, 0]
+        sums = torch.zeros(labels.shape[0], dtype=loss.dtype, device=loss.device)
+        return sums.index_add_(0, rows, loss), keep.sum(1), None
     logits = out.logits[:, :-1].float()
     labels = batch["labels"][:, 1:]
     loss = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
     return loss.sum(1), (labels != -100).sum(1), None
 
 
-def _lm_loss(out: Any, batch: dict[str, Any], smoothing: float) -> Any:
+def _lm_loss(out: Any, batch: dict[str, Any], smoothing: float, keep: Any = None) -> Any:
+    """Mean next-token loss over the targets (as transformers' own); `keep` as above."""
     import torch.nn.functional as F
 
+    if keep is not None:
+        targets = batch["labels"][:, 1:][keep[:, :-1]]
+        return F.cross_entropy(out.logits.float(), targets, label_smoothing=smoothing)
     logits = out.logits[:, :-1].float()
     return F.cross_entropy(
         logits.transpose(1, 2), batch["labels"][:, 1:], label_smoothing=smoothing
@@ -191,6 +230,7 @@ TASKS: dict[str, Task] = {
         label_kind="tokens",
         needs_eos=True,
         smoothed_loss=_lm_loss,
+        next_token=True,
     ),
     "vision_language": Task(
         name="vision_language",
@@ -204,6 +244,7 @@ TASKS: dict[str, Task] = {
         needs_eos=True,
         smoothed_loss=_lm_loss,
         modality="vision_language",
+        next_token=True,
     ),
     "sequence_classification": Task(
         name="sequence_classification",
