@@ -17,6 +17,10 @@ number of optimizer steps, no eval, nothing saved:
   padding-free, best-fit decreasing into bins of 4 x 512 tokens, each bin one row that is
   the whole micro-batch, position ids restarting per example, attention per segment, no
   padding; `-o data.padding_free=false` would give 4 rows of 512 instead);
+- ftl-packed-all: the same with `-o data.train_on_prompt=true`: the loss on every token,
+  as TRL's default for `messages` data (ftl's default learns the assistant turns only,
+  and computes vocabulary logits only where it learns, so this side is the
+  like-for-like comparison with TRL);
 - trl-padded: bench/trl_sft.py, `SFTConfig(packing=False, max_length=512, ...)`;
 - trl-packed: bench/trl_sft.py --packing, `SFTConfig(packing=True, max_length=512, ...)`
   (TRL 1.16's defaults: BFD packing, padding-free batches).
@@ -78,7 +82,7 @@ from adapters_cpu import (  # noqa: E402  (bench/ is not a package)
     wait_idle,
 )
 
-SIDES = ["ftl-packed", "trl-packed", "trl-padded", "ftl-padded"]
+SIDES = ["ftl-packed", "ftl-packed-all", "trl-packed", "trl-padded", "ftl-padded"]
 
 # `ftl train ...` in this process, then its peak RSS (VmHWM) to $BENCH_VMHWM_FILE
 FTL_MAIN = """\
@@ -93,8 +97,9 @@ raise SystemExit(rc)
 """
 
 
-def ftl_overrides(packed: bool, lr: float) -> list[str]:
-    return [*LORA, f"train.lr={lr}", f"data.packing={'true' if packed else 'false'}"]
+def ftl_overrides(packed: bool, lr: float, all_tokens: bool = False) -> list[str]:
+    extra = ["data.train_on_prompt=true"] if all_tokens else []
+    return [*LORA, f"train.lr={lr}", f"data.packing={'true' if packed else 'false'}", *extra]
 
 
 def ftl_plan(recipe: Path, overrides: list[str], steps: int) -> dict:
@@ -131,8 +136,10 @@ def ftl_plan(recipe: Path, overrides: list[str], steps: int) -> dict:
     }
 
 
-def run_ftl(recipe: Path, packed: bool, out: Path, args, env: dict[str, str]) -> dict:
-    overrides = ftl_overrides(packed, args.lr)
+def run_ftl(
+    recipe: Path, packed: bool, out: Path, args, env: dict[str, str], all_tokens: bool = False
+) -> dict:
+    overrides = ftl_overrides(packed, args.lr, all_tokens)
     plan = ftl_plan(recipe, overrides, args.steps)
     hwm = out.with_suffix(".vmhwm.json")
     cmd = [sys.executable, "-c", FTL_MAIN, "train", str(recipe)]
@@ -243,6 +250,8 @@ def _gmean(xs: list[float]) -> float:
 RATIOS = [
     ("ftl-packed", "trl-padded"),
     ("ftl-packed", "trl-packed"),
+    ("ftl-packed-all", "trl-padded"),
+    ("ftl-packed-all", "trl-packed"),
     ("ftl-packed", "ftl-padded"),
     ("trl-packed", "trl-padded"),
 ]
@@ -299,9 +308,10 @@ def main(argv: list[str] | None = None) -> int:
             for side in order:
                 before = wait_idle(args.wait_idle) if args.wait_idle > 0 else None
                 out = Path(tmp) / f"{side}-{k}"
-                packed = side.endswith("packed")
+                packed = "packed" in side
                 if side.startswith("ftl"):
-                    runs[side] = run_ftl(recipe, packed, out, args, env)
+                    all_tokens = side.endswith("-all")
+                    runs[side] = run_ftl(recipe, packed, out, args, env, all_tokens)
                 else:
                     runs[side] = run_trl(packed, out.with_suffix(".json"), args, env)
                 runs[side]["other_load_before"] = before
@@ -328,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         "ftl_overrides": {
             "packed": ftl_overrides(True, args.lr),
             "padded": ftl_overrides(False, args.lr),
+            "packed-all": ftl_overrides(True, args.lr, all_tokens=True),
         },
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "passes": passes,

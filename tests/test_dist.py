@@ -589,6 +589,17 @@ def test_each_rank_trains_on_its_own_shards(tmp_path, dist_recipe, chat_data, ca
     assert data["examples_by_rank"] == [sum(rows[f] for f in files[r::2]) for r in range(2)]
     assert len(losses(run)) == 3
 
+    # streamed from the same shards under DDP (each rank its own shards), mixed with the
+    # JSONL file: both ranks run the same 3 steps and the summary reports the mixture
+    streamed = launch(
+        dist_recipe, tmp_path / "streamed", f"data.train={shards}", "train.max_steps=3",
+        "data.streaming=true", f"data.mix=[{{path: {chat_data['train']}, weight: 0.5}}]",
+    )  # fmt: skip
+    data = json.loads((streamed / "summary.json").read_text())["data"]
+    assert data["streaming"] and len(losses(streamed)) == 3
+    # rank 0's share: shards 0 and 2, and lines 1, 3, 5, ... of the file
+    assert data["mixture"][0]["rows"] == sum(rows[f] for f in files[0::2])
+
     # refused by ftl launch itself, before any process starts
     args = ["launch", str(dist_recipe), "--num-processes", "2", "-o", f"data.train={shards}"]
     args += ["-o", "data.eval=null", "-o", "data.eval_split=0.1"]

@@ -73,6 +73,27 @@ def test_alpaca_masks_prompt_and_appends_eos(tok):
     assert ex["labels"][0] == IGNORE
 
 
+def test_train_on_prompt_learns_every_token_of_the_same_ids(tok):
+    """data.train_on_prompt: the same tokens as the default, every one of them a target."""
+    for fmt, row in (
+        (chat, {"messages": CONVO}),
+        (alpaca, {"instruction": "say hello", "input": "", "output": "hello world"}),
+    ):
+        default, everything = fmt(row, ctx(tok)), fmt(row, ctx(tok, train_on_prompt=True))
+        assert everything["input_ids"] == default["input_ids"]
+        assert everything["labels"] == everything["input_ids"]
+        assert IGNORE in default["labels"]
+
+
+def test_train_on_prompt_needs_a_prompt_format(tmp_path, capsys, chat_recipe):
+    from launcher.cli.main import main
+
+    rc = main(["validate", str(chat_recipe), "-o", "data.format=completion",
+               "-o", "data.train_on_prompt=true"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "data.train_on_prompt" in err and "Traceback" not in err, err
+
+
 def test_completion_learns_everything_and_ends_with_eos(tok):
     ex = completion({"text": "the cat sat"}, ctx(tok))
     assert ex["labels"] == ex["input_ids"] and ex["input_ids"][-1] == tok.eos_token_id

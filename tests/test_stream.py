@@ -77,9 +77,22 @@ def test_ranks_stream_disjoint_lines(tmp_path, tok):
     assert not seen[0] & seen[1]
 
 
-def test_ftl_train_streams_and_resumes_exactly(tmp_path, tiny_llama):
+def test_padding_free_stream_rows_hold_a_micro_batch(tmp_path, tok):
+    path = make_tiny.write_jsonl(tmp_path / "t.jsonl", texts(60))
+    cfg = DataCfg(format="completion", train=str(path), max_length=64, shuffle_buffer=16)
+    stats = {"dropped_too_long": 0, "bad_rows_skipped": 0, "passes": 0}
+    rows = packed_rows(cfg, format_context(cfg, tok), 0, 1, seed=0, stats=stats, capacity=192)
+    first = [next(rows) for _ in range(6)]
+    assert all(len(r["input_ids"]) <= 192 for r in first)
+    assert max(len(r["input_ids"]) for r in first) > 64
+    assert all(len(x) <= 64 for r in first for x in split_row(r))  # examples stay whole
+
+
+@pytest.mark.parametrize("fast_dropout", [False, True])
+def test_ftl_train_streams_and_resumes_exactly(fast_dropout, tmp_path, tiny_llama):
     """A streamed run, stopped at a checkpoint and resumed, logs the losses of one
-    uninterrupted run (the stream regenerates and skips what was trained)."""
+    uninterrupted run (the stream regenerates and skips what was trained). With
+    fast_dropout on CPU, packing is padding-free: one row of 2 x 64 tokens a micro-batch."""
     path = make_tiny.write_jsonl(tmp_path / "t.jsonl", texts(80))
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
@@ -88,7 +101,7 @@ task: causal_lm
 model: {{name_or_path: {tiny_llama}}}
 data: {{format: completion, train: {path}, max_length: 64, streaming: true, shuffle_buffer: 8}}
 train: {{max_steps: 6, micro_batch_size: 2, grad_accum: 2, lr: 1.0e-3, log_every: 1,
-         save_every: 3, fast_dropout: false}}
+         save_every: 3, fast_dropout: {str(fast_dropout).lower()}}}
 output: {{dir: {tmp_path / "full"}}}
 """
     )
@@ -101,6 +114,7 @@ output: {{dir: {tmp_path / "full"}}}
     full = losses(tmp_path / "full")
     summary = json.loads((tmp_path / "full" / "summary.json").read_text())
     assert summary["data"]["streaming"] and summary["data"]["passes"] >= 1
+    assert summary["data"]["packed_row_tokens"] == (128 if fast_dropout else 64)
     # resumed from its step-3 checkpoint, the run regrows steps 4-6 identically
     older = str(tmp_path / "full" / "checkpoints" / "step-00000003")
     assert main(["train", str(recipe), "-o", "train.save_every=null", "--resume", older]) == 0
@@ -122,3 +136,65 @@ output: {{dir: {tmp_path / "run"}}}
     err = capsys.readouterr().err
     assert "train.max_steps" in err and "data.eval_split" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_streamed_mixture_draws_each_source_by_its_epoch_share(tmp_path, tok, tiny_llama):
+    """data.mix while streaming: source i comes next with probability weight_i x rows_i /
+    sum; each source restarts on its own; the same seed gives the same stream; ranks
+    stay disjoint; `ftl train` runs it and reports the mixture."""
+    from launcher.data.formats import FORMATS
+    from launcher.data.stream import examples
+    from launcher.recipe.schema import MixSource
+
+    a_rows = texts(40)
+    b_rows = [{"text": f"zebra {r['text']}"} for r in texts(10)]
+    a = make_tiny.write_jsonl(tmp_path / "a.jsonl", a_rows)
+    b = make_tiny.write_jsonl(tmp_path / "b.jsonl", b_rows)
+    cfg = DataCfg(
+        format="completion",
+        train=str(a),
+        max_length=64,
+        shuffle_buffer=8,
+        mix=[MixSource(path=str(b), weight=2.0)],
+    )
+    ctx = format_context(cfg, tok)
+    ids = {
+        src: {tuple(FORMATS["completion"](r, ctx)["input_ids"]) for r in rows}
+        for src, rows in (("a", a_rows), ("b", b_rows))
+    }
+
+    def draw(rank: int = 0, world: int = 1, seed: int = 0, n: int = 900):
+        stats = {"dropped_too_long": 0, "bad_rows_skipped": 0, "passes": 0}
+        it = examples(cfg, ctx, rank, world, seed, stats)
+        return [tuple(next(it)["input_ids"]) for _ in range(n)], stats
+
+    got, stats = draw()
+    from_b = sum(x in ids["b"] for x in got)
+    assert all(x in ids["a"] or x in ids["b"] for x in got)
+    # shares: a 1 x 40 rows, b 2 x 10 rows -> b is 1/3 of the stream
+    assert abs(from_b / len(got) - 1 / 3) < 0.06, from_b
+    mixture = stats["mixture"]
+    assert [m["rows"] for m in mixture] == [40, 10]
+    assert [m["share"] for m in mixture] == [
+        pytest.approx(2 / 3, abs=1e-3),
+        pytest.approx(1 / 3, abs=1e-3),
+    ]
+    assert mixture[1]["passes"] > mixture[0]["passes"] >= 5  # b (10 rows) wraps more often
+    assert draw()[0] == got and draw(seed=1)[0] != got
+    mine = [set(draw(rank, 2, n=200)[0]) for rank in range(2)]
+    assert not mine[0] & mine[1]
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"""\
+task: causal_lm
+model: {{name_or_path: {tiny_llama}}}
+data: {{format: completion, train: {a}, max_length: 64, streaming: true,
+        mix: [{{path: {b}, weight: 2}}]}}
+train: {{max_steps: 2, micro_batch_size: 2}}
+output: {{dir: {tmp_path / "run"}}}
+"""
+    )
+    assert main(["train", str(recipe)]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert [m["rows"] for m in summary["data"]["mixture"]] == [40, 10]

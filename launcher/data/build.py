@@ -187,6 +187,7 @@ def format_context(
         source_prefix=cfg.source_prefix,
         max_target_length=cfg.max_target_length,
         image_field=cfg.image_field,
+        train_on_prompt=cfg.train_on_prompt,
         images_field=cfg.images_field,
     )
 

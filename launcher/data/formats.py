@@ -51,6 +51,7 @@ class FormatContext:
     max_target_length: int = 128
     image_field: str = "image"
     images_field: str = "images"
+    train_on_prompt: bool = False  # chat / alpaca: the loss on every token, not the answers
     stats: dict[str, int] = field(default_factory=lambda: {"truncated": 0, "dropped_too_long": 0})
 
     def over(self, n: int, limit: int, what: str, key: str) -> bool:
@@ -121,7 +122,10 @@ def alpaca(row: dict[str, Any], ctx: FormatContext) -> dict[str, Any]:
     )
     prompt_ids = _bos(tok) + _encode(tok, prompt)
     answer_ids = _encode(tok, _field(row, "output")) + [tok.eos_token_id]
-    return _finish_lm(ctx, prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + answer_ids)
+    ids = prompt_ids + answer_ids
+    if ctx.train_on_prompt:
+        return _finish_lm(ctx, ids, list(ids))
+    return _finish_lm(ctx, ids, [IGNORE] * len(prompt_ids) + answer_ids)
 
 
 def render_with_spans(
@@ -196,6 +200,8 @@ def chat(row: dict[str, Any], ctx: FormatContext) -> dict[str, Any]:
     if tok.eos_token_id not in [x for x in labels if x != IGNORE]:
         ids.append(tok.eos_token_id)
         labels.append(tok.eos_token_id)
+    if ctx.train_on_prompt:  # every token: system, user and template text too
+        labels = list(ids)
     return _finish_lm(ctx, ids, labels)
 
 

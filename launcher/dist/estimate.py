@@ -87,7 +87,9 @@ class Workload:
     double_quant: bool = True
     compute_dtype: str = "bfloat16"
     optimizer: str = "adamw"
-    lm_logits: bool = True  # the loss is over vocabulary logits at every position
+    # the loss is over vocabulary logits at every position (an upper bound: the loop
+    # computes them only where the next token is a target, which depends on the data)
+    lm_logits: bool = True
 
 
 @dataclass(frozen=True)

@@ -165,6 +165,12 @@ def _task_settings(r: Recipe) -> Iterator[Hit]:
             f"packing joins causal-LM examples; task '{r.task}' has one label per example",
             "remove data.packing",
         )
+    if r.data.train_on_prompt and r.data.format not in ("chat", "alpaca"):
+        yield (
+            "data.train_on_prompt",
+            f"format '{r.data.format}' has no prompt to train on or leave out",
+            "remove data.train_on_prompt (it applies to format chat and alpaca)",
+        )
     if r.data.padding_free is not None and not r.data.packing:
         yield (
             "data.padding_free",
@@ -202,8 +208,7 @@ def _streaming(r: Recipe) -> Iterator[Hit]:
             "a stream cannot hold rows out before it reads them",
             "give an eval file (data.eval)",
         )
-    if d.mix:
-        yield ("data.mix", "mixtures are not streamed yet", "remove data.mix or data.streaming")
+
     if d.max_samples is not None:
         yield ("data.max_samples", "a stream is not cut by rows", "use train.max_steps")
 

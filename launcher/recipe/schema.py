@@ -164,6 +164,12 @@ class DataCfg(Section):
         "(best-fit decreasing; position ids restart per example, no attention across "
         "examples); micro_batch_size then counts rows",
     )
+    train_on_prompt: bool = Field(
+        False,
+        description="chat / alpaca: the loss falls on every token (system and user turns, "
+        "prompts, template text) instead of the answers only (TRL's default for messages "
+        "data; axolotl's train_on_inputs)",
+    )
     padding_free: bool | None = Field(
         None,
         description="packing: each micro-batch is one row of up to micro_batch_size x "

@@ -431,6 +431,7 @@ class Trainer:
             micro_batch=t.micro_batch_size,
             pad_id=self.tokenizer.pad_token_id,
             skip=skip_per_process,
+            padding_free=padding_free(self.recipe, self.acc.device.type),
         )
         device = self.acc.device
         return (
@@ -441,7 +442,11 @@ class Trainer:
         stream = getattr(self, "stream", None)
         if stream is None:
             return {}
-        return {**stream.stats, "truncated": stream.ctx.stats["truncated"]}
+        return {
+            **stream.stats,
+            "truncated": stream.ctx.stats["truncated"],
+            "packed_row_tokens": stream.capacity,
+        }
 
     def _own_shards(self) -> tuple[int, int] | None:
         """(rank, world) when each rank reads only its own shards of data.train."""
