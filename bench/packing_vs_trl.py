@@ -2,7 +2,7 @@
 and packed, in one run.
 
     python bench/packing_vs_trl.py [--steps 12] [--skip 2] [--passes 1] [--reverse]
-        [--wait-idle 600] [--threads N]
+        [--wait-idle 600] [--threads N] [--live-memory]
 
 Four sides, each a fresh process, on the same work: LoRA r 16 (alpha 32, dropout 0.05) on
 every linear layer of SmolLM2-135M-Instruct in float32 (the plain HF folder that
@@ -279,6 +279,13 @@ def main(argv: list[str] | None = None) -> int:
         help="before each side, wait up to this many seconds for other processes to go quiet "
         "(under 0.3 cores); 0: do not wait",
     )
+    ap.add_argument(
+        "--live-memory",
+        action="store_true",
+        help="glibc returns freed memory on every side (FTL_KEEP_FREED_MEMORY=0, low mmap "
+        "and trim thresholds), so peak RSS follows live memory rather than the allocator's "
+        "cache; slower, so tokens/s of such a run is not the speed figure",
+    )
     ap.add_argument("--out", type=Path, default=CACHE / "packing_vs_trl.json")
     args = ap.parse_args(argv)
     sides = [x.strip() for x in args.sides.split(",") if x.strip()]
@@ -288,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--skip must be below --steps")
     prepare()
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    env = _env(False, args.threads)
+    env = _env(args.live_memory, args.threads)
     passes = []
     with tempfile.TemporaryDirectory() as tmp:
         recipe = Path(tmp) / "packing.yaml"
