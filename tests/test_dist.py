@@ -561,7 +561,11 @@ def test_vlm_on_two_processes_equals_one_process(
     assert losses(run) == pytest.approx(losses(single), abs=TOL)
     assert json.loads((run / "distributed.json").read_text())["world_size"] == 2
     a, b = weights(single / "model"), weights(run / "model")
-    assert_same_weights(a, b)
+    # full fine-tuning at lr 3e-3 under Adam: an element whose gradient is ~0 moves by
+    # m/sqrt(v), which float reordering (ZeRO-3's partitioned reduction) shifts. Measured:
+    # every tensor within 3e-7 except layer 0's gate_proj, at 1.1e-5 (with full logits:
+    # 2.8e-6 there); a wrong gradient moves weights by ~lr = 3e-3
+    assert_same_weights(a, b, tol=3e-5 if strategy == "zero3" else 1e-5)
     base = weights(vlm_recipe.parent / "qwen2_vl")
     vision = [k for k in base if "visual." in k and "merger." not in k]
     assert vision and all(torch_equal(base[k], b[k]) for k in vision)
