@@ -185,19 +185,21 @@ def test_regex_target_modules_wrap_only_what_matches(chat_recipe, tmp_path):
 
 
 def test_lora_dropout_gets_the_fast_cpu_dropout(chat_recipe):
-    """On CPU each LoRA dropout is folded into its lora_A (fast masks, a 1-byte mask kept
-    for backward); with train.fast_dropout off PEFT's own modules stay."""
-    from torch import nn
+    """On CPU each LoRA linear is the fused one, which draws its dropout mask itself (a
+    1-byte mask kept for backward); with train.fast_dropout off PEFT's own modules stay."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
 
-    from launcher.models.fast_dropout import DroppedLoraA
+    from launcher.models.fast_dropout import FastDropout
+    from launcher.models.fused_lora import FusedLoraLinear
 
     trainer = Trainer(load_recipe(chat_recipe, ["adapter.dropout=0.1", "train.max_steps=1"]))
     model = trainer.acc.unwrap_model(trainer.model)
-    drops = [m for n, m in model.named_modules() if n.endswith("lora_dropout.default")]
-    a_layers = [m for n, m in model.named_modules() if n.endswith("lora_A.default")]
-    assert drops and all(type(m) is nn.Identity for m in drops)
-    assert len(a_layers) == len(drops) and all(type(m) is DroppedLoraA for m in a_layers)
-    assert all(m.p == 0.1 for m in a_layers)
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    assert layers and all(type(m) is FusedLoraLinear for m in layers)
+    drops = [m.lora_dropout["default"] for m in layers]
+    assert all(type(m) is FastDropout and m.p == 0.1 for m in drops)
+    model.train()  # the fused path runs, with the adapter's dropout
+    assert layers[0]._fused(torch.zeros(2, 3, layers[0].in_features), (), {}) == ("default", 0.1)
 
     trainer = Trainer(
         load_recipe(
@@ -208,7 +210,7 @@ def test_lora_dropout_gets_the_fast_cpu_dropout(chat_recipe):
     )
     model = trainer.acc.unwrap_model(trainer.model)
     drops = [m for n, m in model.named_modules() if n.endswith("lora_dropout.default")]
-    assert drops and all(type(m) is nn.Dropout for m in drops)
+    assert drops and all(type(m) is torch.nn.Dropout for m in drops)
 
 
 def test_paged_and_8bit_optimizers_train(chat_recipe, tmp_path):

@@ -269,7 +269,10 @@ class Trainer:
         if fast_dropout:
             swap_dropout(model)  # the adapter's own dropouts (lora_dropout), new since enable()
             if not self.strategy.shards_params:  # ZeRO-3 / FSDP gather weights themselves
-                fuse_lora_dropout(model)  # no float copies of each LoRA input for backward
+                from launcher.models.fused_lora import fuse_lora
+
+                fuse_lora(model)  # one pass less per LoRA linear each way, dropout inside
+                fuse_lora_dropout(model)  # the rest (QLoRA): no float copies for backward
         self.l2sp = L2SP(pretrained, t.l2sp) if t.l2sp > 0 else None
         self.n_params = sum(distributed.numel(p) for p in model.parameters())
         self.n_trainable = sum(distributed.numel(p) for p in model.parameters() if p.requires_grad)
