@@ -89,6 +89,17 @@ def _saved_bytes(fn) -> int:
     return out, sum(seen.values())
 
 
+def _lm_step(model, ids: torch.Tensor) -> tuple[float, dict, int]:
+    """One training forward and backward under seed 1: (loss, trainable grads, bytes kept
+    for backward)."""
+    model.train()
+    torch.manual_seed(1)
+    out, saved = _saved_bytes(lambda: model(input_ids=ids, labels=ids).loss)
+    out.backward()
+    grads = {k: p.grad for k, p in model.named_parameters() if p.requires_grad}
+    return out.item(), grads, saved
+
+
 @pytest.mark.parametrize("dora", [False, True])
 def test_fused_lora_dropout_gives_the_same_steps_with_less_memory(dora, tiny_llama):
     """lora_A with its dropout folded in: the same loss and gradients as PEFT's dropout then
@@ -114,15 +125,9 @@ def test_fused_lora_dropout_gives_the_same_steps_with_less_memory(dora, tiny_lla
     assert n == (0 if dora else 7 * fused.config.num_hidden_layers)
     assert list(fused.state_dict()) == list(plain.state_dict())
     ids = torch.randint(5, 300, (2, 48))
-    results = []
-    for model in (plain, fused):
-        model.train()
-        torch.manual_seed(1)
-        out, saved = _saved_bytes(lambda m=model: m(input_ids=ids, labels=ids).loss)
-        out.backward()
-        grads = {k: p.grad for k, p in model.named_parameters() if p.requires_grad}
-        results.append((out.item(), grads, saved))
-    (loss_a, grads_a, saved_a), (loss_b, grads_b, saved_b) = results
+    (loss_a, grads_a, saved_a), (loss_b, grads_b, saved_b) = (
+        _lm_step(m, ids) for m in (plain, fused)
+    )
     assert loss_a == pytest.approx(loss_b, abs=1e-6)
     assert grads_a.keys() == grads_b.keys()
     for k in grads_a:

@@ -87,7 +87,7 @@ def test_fused_lora_trains_a_causal_lm_like_peft(tiny_llama):
     PEFT's; DoRA layers stay PEFT's."""
     from transformers import AutoModelForCausalLM
 
-    from tests.test_fast_dropout import _saved_bytes
+    from tests.test_fast_dropout import _lm_step
 
     torch.manual_seed(0)
     plain = _lora(
@@ -97,15 +97,9 @@ def test_fused_lora_trains_a_causal_lm_like_peft(tiny_llama):
     assert fuse_lora(fused) == 7 * fused.config.num_hidden_layers
     assert fd.fuse_lora_dropout(fused) == 0  # the fused layers draw their own masks
     ids = torch.randint(5, 300, (2, 48))
-    results = []
-    for model in (plain, fused):
-        model.train()
-        torch.manual_seed(1)
-        out, saved = _saved_bytes(lambda m=model: m(input_ids=ids, labels=ids).loss)
-        out.backward()
-        grads = {k: p.grad for k, p in model.named_parameters() if p.requires_grad}
-        results.append((out.item(), grads, saved))
-    (loss_a, grads_a, saved_a), (loss_b, grads_b, saved_b) = results
+    (loss_a, grads_a, saved_a), (loss_b, grads_b, saved_b) = (
+        _lm_step(m, ids) for m in (plain, fused)
+    )
     assert loss_b == pytest.approx(loss_a, abs=1e-6)
     assert grads_a.keys() == grads_b.keys()
     for k in grads_a:
