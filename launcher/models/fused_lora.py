@@ -13,7 +13,7 @@ accumulates into the base output in place (`addmm_`), and backward gives the inp
 gradient of both paths in one tensor. Backward keeps x (which q/k/v and gate/up share),
 the rank-r activation and a 1-byte dropout mask, as `fast_dropout.DroppedLoraA` does.
 The mask is the draw `FastDropout` would make, so a run is the same run as unfused, to
-float rounding (tests/test_fast_dropout.py).
+float rounding (tests/test_fused_lora.py).
 
 `FusedLoraLinear` subclasses PEFT's `lora.Linear` and only overrides `forward`; it is
 swapped in by class on each plain LoRA linear (`fuse_lora`), so the state dict, merging,
@@ -33,6 +33,11 @@ from torch import nn
 from launcher.models.fast_dropout import FastDropout, keep_mask
 
 
+def _dropped(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """x * mask, without a float copy of the boolean mask."""
+    return x if mask is None else torch.where(mask, x, 0.0)
+
+
 class _LoraLinear(torch.autograd.Function):
     """y = x W^T + b + (((x * mask) A^T) * c) B^T, W and b frozen."""
 
@@ -48,8 +53,7 @@ class _LoraLinear(torch.autograd.Function):
         c: float,
     ) -> torch.Tensor:
         y = nn.functional.linear(x, weight, bias)
-        dropped = x if mask is None else torch.where(mask, x, 0.0)  # no float copy of the mask
-        h = dropped.reshape(-1, x.shape[-1]) @ a.t()
+        h = _dropped(x, mask).reshape(-1, x.shape[-1]) @ a.t()
         h.mul_(c)
         y.view(-1, y.shape[-1]).addmm_(h, b.t())
         ctx.save_for_backward(x, weight, a, b, h, mask)
@@ -60,13 +64,12 @@ class _LoraLinear(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         x, weight, a, b, h, mask = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])
-        grad_x = grad_bias = grad_a = grad_b = None
+        grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[4]:
             grad_b = g.t() @ h
         gh = (g @ b).mul_(ctx.c)  # the gradient at (x * mask) A^T
         if ctx.needs_input_grad[3]:
-            dropped = x if mask is None else torch.where(mask, x, 0.0)
-            grad_a = gh.t() @ dropped.reshape(-1, x.shape[-1])
+            grad_a = gh.t() @ _dropped(x, mask).reshape(-1, x.shape[-1])
         if ctx.needs_input_grad[0]:
             grad_x = grad @ weight
             flat = grad_x.view(-1, grad_x.shape[-1])
@@ -74,9 +77,7 @@ class _LoraLinear(torch.autograd.Function):
                 flat.addmm_(gh, a)
             else:
                 flat.add_((gh @ a).mul_(mask.reshape(flat.shape)))
-        if ctx.needs_input_grad[2]:
-            grad_bias = g.sum(0)
-        return grad_x, None, grad_bias, grad_a, grad_b, None, None
+        return grad_x, None, None, grad_a, grad_b, None, None  # W and b: frozen (`_fused`)
 
 
 class FusedLoraLinear(LoraLinear):
