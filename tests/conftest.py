@@ -78,6 +78,16 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def quant_llama(tmp_path_factory) -> Path:
+    """The tiny Llama with widths bitsandbytes quantizes on every backend: each linear
+    layer's input and output a multiple of its 64-element block (the CPU repack of
+    bitsandbytes' inference path, taken on AVX512-BF16 CPUs, needs that)."""
+    out = tmp_path_factory.mktemp("quant-llama")
+    make_tiny.make_llama(out, hidden_size=64, intermediate_size=128, num_key_value_heads=4)
+    return out
+
+
+@pytest.fixture(scope="session")
 def cls_data(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("cls-data")
     return {

@@ -14,6 +14,7 @@ import make_tiny
 import pytest
 import torch
 
+from launcher import compat
 from launcher.cli.main import main
 from launcher.recipe import load_recipe
 from launcher.train.loop import Trainer
@@ -45,6 +46,9 @@ def load_with_peft(base_dir: Path, adapter: Path, quant: dict | None = None):
     if quant:
         kw = {"quantization_config": BitsAndBytesConfig(**quant), "device_map": {"": "cpu"}}
     base = AutoModelForCausalLM.from_pretrained(base_dir, **kw)
+    # bitsandbytes' own CPU inference on AVX512-BF16 repacks 4-bit weights and computes in
+    # bfloat16; the reference keeps the float32 path training used (launcher/compat.py)
+    compat.keep_4bit_weights_as_trained(base)
     tok = AutoTokenizer.from_pretrained(adapter)
     if len(tok) > base.get_input_embeddings().num_embeddings:
         base.resize_token_embeddings(len(tok))  # what a user does for a grown vocabulary
@@ -70,10 +74,14 @@ QUANT = {
 
 
 @pytest.mark.parametrize("kind", list(QUANT))
-def test_quantized_lora_learns_and_reloads_with_peft(kind, chat_recipe, tmp_path, tiny_llama):
+def test_quantized_lora_learns_and_reloads_with_peft(kind, chat_recipe, tmp_path, quant_llama):
     overrides, bnb = QUANT[kind]
     trainer, summary = train_in_process(
-        chat_recipe, *overrides, "train.eval_at_start=true", "model.gradient_checkpointing=true"
+        chat_recipe,
+        *overrides,
+        f"model.name_or_path={quant_llama}",
+        "train.eval_at_start=true",
+        "model.gradient_checkpointing=true",
     )
     run = tmp_path / "chat-run"
     losses = evals(run)
@@ -87,7 +95,7 @@ def test_quantized_lora_learns_and_reloads_with_peft(kind, chat_recipe, tmp_path
     assert quantized == {"Linear4bit" if kind == "nf4" else "Linear8bitLt"}
     trained = probe_logits(model, trainer.tokenizer)
 
-    reloaded, tok = load_with_peft(tiny_llama, run / "model", bnb)
+    reloaded, tok = load_with_peft(quant_llama, run / "model", bnb)
     assert torch.allclose(probe_logits(reloaded, tok), trained, atol=1e-5)
 
 
@@ -100,8 +108,11 @@ def test_quantized_lora_learns_and_reloads_with_peft(kind, chat_recipe, tmp_path
     ],
     ids=["dora", "rslora", "qdora"],
 )
-def test_dora_and_rslora_train_and_reload(variant, chat_recipe, tmp_path, tiny_llama):
-    trainer, _ = train_in_process(chat_recipe, *variant, "train.eval_at_start=true")
+def test_dora_and_rslora_train_and_reload(variant, chat_recipe, tmp_path, tiny_llama, quant_llama):
+    base = quant_llama if "quant.bits=4" in variant else tiny_llama
+    trainer, _ = train_in_process(
+        chat_recipe, *variant, f"model.name_or_path={base}", "train.eval_at_start=true"
+    )
     run = tmp_path / "chat-run"
     losses = evals(run)
     assert losses[-1] < losses[0] - 0.5, losses
@@ -115,7 +126,7 @@ def test_dora_and_rslora_train_and_reload(variant, chat_recipe, tmp_path, tiny_l
 
     trained = probe_logits(trainer.acc.unwrap_model(trainer.model), trainer.tokenizer)
     quant = QUANT["nf4"][1] if "quant.bits=4" in variant else None
-    reloaded, tok = load_with_peft(tiny_llama, run / "model", quant)
+    reloaded, tok = load_with_peft(base, run / "model", quant)
     assert torch.allclose(probe_logits(reloaded, tok), trained, atol=1e-5)
 
 
@@ -324,3 +335,45 @@ def test_gpu_check_script_runs_its_path_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (row,) = json.loads(out.read_text())["rows"]
     assert row["mode"] == "qlora_nf4" and row["learned"] and row["tokens_per_s"] > 0
+
+
+# The quantized variants whose training an eval must leave untouched. 4-bit layers are
+# built as on a CPU with AVX512-BF16 (where bitsandbytes' eval forward repacks weights in
+# place), whatever this machine's CPU is, so AMD machines exercise that path too.
+EVAL_INVARIANCE = {
+    "nf4": ["quant.bits=4", "quant.type=nf4", "quant.compute_dtype=float32"],
+    "8bit": ["quant.bits=8"],
+    "qdora": ["adapter.type=dora", "quant.bits=4", "quant.compute_dtype=float32"],
+}
+
+
+def train_losses(run: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]
+
+
+@pytest.mark.parametrize("kind", list(EVAL_INVARIANCE))
+def test_evals_never_change_quantized_training(
+    kind, chat_recipe, quant_llama, tmp_path, monkeypatch
+):
+    import bitsandbytes.nn.modules as bnb_modules
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)  # Linear4bit.__init__ reads it
+    common = [
+        *EVAL_INVARIANCE[kind],
+        f"model.name_or_path={quant_llama}",
+        "adapter.dropout=0.0",
+        "train.max_steps=6",
+        "train.log_every=1",
+    ]
+    with_evals, without = tmp_path / "with-evals", tmp_path / "without"
+    trainer, _ = train_in_process(
+        chat_recipe, *common, "train.eval_every=2", f"output.dir={with_evals}"
+    )
+    layers = [m for m in trainer.model.modules() if isinstance(m, bnb_modules.Linear4bit)]
+    assert all(m.support_avx512bf16_for_cpu is False for m in layers)  # switched off by ftl
+    assert bool(layers) is (kind != "8bit")
+    train_in_process(chat_recipe, *common, "train.eval_every=null", f"output.dir={without}")
+    evals_run = [r for r in read_metrics(with_evals / "metrics.jsonl") if r["kind"] == "eval"]
+    assert [r["step"] for r in evals_run] == [2, 4, 6]
+    a, b = train_losses(with_evals), train_losses(without)
+    assert len(a) == 6 and a == b, (a, b)  # exactly: an eval never touches training

@@ -277,22 +277,26 @@ def test_zero3_resume_continues_the_loss_sequence(dist_recipe, zero3, tmp_path, 
     assert max(abs(x - y) for x, y in zip(a[3:], b, strict=True)) <= TOL
 
 
-QLORA = [
-    "adapter.type=lora",
-    "adapter.r=4",
-    "adapter.alpha=8",
-    "adapter.dropout=0.0",
-    "quant.bits=4",
-    "quant.compute_dtype=float32",
-]
+@pytest.fixture(scope="module")
+def qlora_args(quant_llama) -> list[str]:
+    """QLoRA on the tiny Llama whose widths bitsandbytes quantizes on every backend."""
+    return [
+        f"model.name_or_path={quant_llama}",
+        "adapter.type=lora",
+        "adapter.r=4",
+        "adapter.alpha=8",
+        "adapter.dropout=0.0",
+        "quant.bits=4",
+        "quant.compute_dtype=float32",
+    ]
 
 
 @pytest.fixture(scope="module")
-def qlora_single(dist_recipe, tmp_path_factory) -> Path:
+def qlora_single(dist_recipe, tmp_path_factory, qlora_args) -> Path:
     """QLoRA reference: one process, accumulation 2, packed weights in uint8."""
     out = tmp_path_factory.mktemp("qlora-single") / "run"
     args = ["train", str(dist_recipe), "-o", "distributed.strategy=none", "-o", f"output.dir={out}"]
-    for o in QLORA:
+    for o in qlora_args:
         args += ["-o", o]
     assert main(args) == 0
     return out
@@ -300,11 +304,11 @@ def qlora_single(dist_recipe, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("strategy", ["ddp", "zero3", "fsdp"])
 def test_qlora_under_ddp_zero3_and_fsdp_equals_one_process(
-    strategy, dist_recipe, qlora_single, tmp_path, request
+    strategy, dist_recipe, qlora_single, tmp_path, request, qlora_args
 ):
     if strategy == "zero3":
         request.getfixturevalue("deepspeed_ops")
-    out = launch(dist_recipe, tmp_path / "run", f"distributed.strategy={strategy}", *QLORA)
+    out = launch(dist_recipe, tmp_path / "run", f"distributed.strategy={strategy}", *qlora_args)
     a, b = losses(qlora_single), losses(out)
     assert len(a) == len(b) == STEPS and a[-1] < a[0]
     assert max(abs(x - y) for x, y in zip(a, b, strict=True)) <= TOL
@@ -321,11 +325,11 @@ def test_qlora_under_ddp_zero3_and_fsdp_equals_one_process(
 
 
 def test_qlora_under_zero3_in_bf16_stores_weights_that_survive_the_cast(
-    dist_recipe, tmp_path, deepspeed_ops
+    dist_recipe, tmp_path, deepspeed_ops, qlora_args
 ):
     """ZeRO-3 casts float parameters to bf16; auto storage packs the 4-bit weights in bf16
     (float32 storage breaks here, which `ftl validate` refuses)."""
-    bf16 = [*QLORA[:-1], "quant.compute_dtype=bfloat16", "train.precision=bf16"]
+    bf16 = [*qlora_args[:-1], "quant.compute_dtype=bfloat16", "train.precision=bf16"]
     ref = tmp_path / "single"
     args = ["train", str(dist_recipe), "-o", "distributed.strategy=none", "-o", f"output.dir={ref}"]
     for o in bf16:

@@ -18,6 +18,7 @@ import make_tiny
 import pytest
 import torch
 
+from launcher import compat
 from launcher.cli.main import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -244,7 +245,7 @@ def test_full_disk_removes_the_partial_output(sharded_base, tmp_path):
     assert done.stdout.strip() == ""  # ls: the tmpfs is empty again
 
 
-def test_qlora_adapter_merges_into_the_dequantized_base(tmp_path, tiny_llama, chat_data):
+def test_qlora_adapter_merges_into_the_dequantized_base(tmp_path, quant_llama, chat_data):
     """An nf4 QLoRA adapter learned against dequantized 4-bit weights: the merged model
     equals the 4-bit model + adapter (PEFT + bitsandbytes, fp32 compute), which merging
     into the original weights does not."""
@@ -254,7 +255,7 @@ def test_qlora_adapter_merges_into_the_dequantized_base(tmp_path, tiny_llama, ch
     recipe = tmp_path / "q.yaml"
     recipe.write_text(
         f"""\
-model: {{name_or_path: {tiny_llama}}}
+model: {{name_or_path: {quant_llama}}}
 data: {{format: chat, train: {chat_data["train"]}, max_length: 64}}
 adapter: {{type: lora, r: 4, alpha: 8, dropout: 0.0}}
 quant: {{bits: 4, type: nf4, compute_dtype: float32}}
@@ -276,8 +277,9 @@ output: {{dir: {tmp_path / "run"}}}
         bnb_4bit_compute_dtype=torch.float32,
     )
     base = AutoModelForCausalLM.from_pretrained(
-        tiny_llama, quantization_config=q, device_map={"": "cpu"}
+        quant_llama, quantization_config=q, device_map={"": "cpu"}
     )
+    compat.keep_4bit_weights_as_trained(base)  # the float32 path training used, not bf16
     ref = PeftModel.from_pretrained(base, adapter).eval()
     ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(2))
     want = logits(ref, ids)

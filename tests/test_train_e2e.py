@@ -221,13 +221,15 @@ def test_report_to_wandb_offline_without_network(cls_recipe, tmp_path, monkeypat
     assert runs, list((tmp_path / "run").rglob("*"))[:20]
 
 
-def test_qlora_4bit_on_cpu(chat_recipe, tmp_path):
+def test_qlora_4bit_on_cpu(chat_recipe, tmp_path, quant_llama):
     pytest.importorskip("bitsandbytes")
     assert (
         main(
             [
                 "train",
                 str(chat_recipe),
+                "-o",
+                f"model.name_or_path={quant_llama}",
                 "-o",
                 "quant.bits=4",
                 "-o",

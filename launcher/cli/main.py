@@ -50,6 +50,7 @@ VERBS: dict[str, tuple[str, str]] = {
         "per-device memory of a recipe for every strategy, and the cheapest that fits",
     ),
     "validate": ("launcher.cli.validate", "check a recipe and print it fully resolved"),
+    "env": ("launcher.cli.env", "this machine's CPU, GPUs and library versions (for bug reports)"),
 }
 
 

@@ -17,7 +17,6 @@ def apply_adapter(
     quantized: bool,
     *,
     resized_embeddings: bool = False,
-    gradient_checkpointing: bool = False,
     target_modules: Any = None,
     also_save: list[str] | tuple[str, ...] = (),
 ) -> Any:
@@ -34,6 +33,9 @@ def apply_adapter(
     """
     if not cfg.enabled:
         return model
+    from launcher import compat
+
+    compat.import_peft()
     from peft import LoraConfig, get_peft_model
 
     targets = cfg.target_modules if target_modules is None else target_modules
@@ -41,12 +43,10 @@ def apply_adapter(
     if quantized:
         from peft import prepare_model_for_kbit_training
 
-        # norms and embeddings in fp32, inputs that require grad (gradient checkpointing)
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
+        # norms and embeddings in fp32. Checkpointing is already on when asked for
+        # (build_model, non-reentrant: no input-grad hook needed), so PEFT does not
+        # enable it a second time through transformers' deprecated name.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     to_save = list(cfg.modules_to_save or [])
     to_save += [m for m in (*task.head_modules, *also_save) if m not in to_save]
     tied = False

@@ -172,10 +172,16 @@ def build_model(
                 hint="offline: use a local directory or a pkg: path",
             )
         ) from None
+    if quant.bits is not None:
+        from launcher import compat
+
+        compat.keep_4bit_weights_as_trained(model)  # evals must not rewrite them (CPU)
     if pad_token_id is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = pad_token_id  # classification heads find the last token by it
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from launcher import compat
+
+        compat.enable_activation_checkpointing(model)
         model.config.use_cache = False
     new = set(info.get("missing_keys", []))
     new |= {m[0] if isinstance(m, (tuple, list)) else m for m in info.get("mismatched_keys", [])}

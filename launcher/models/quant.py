@@ -50,10 +50,11 @@ def check_compute_dtype(name: str, device: str | None = None, bf16_ok: bool | No
     bitsandbytes runs float32, bfloat16 and float16 on CPU; on CUDA, bfloat16 needs
     compute capability 8.0. `device`/`bf16_ok` default to what this process sees.
     """
+    from launcher import compat
     from launcher.errors import Problem, UserError
 
     try:
-        import bitsandbytes  # noqa: F401
+        compat.import_bitsandbytes()
     except ImportError:
         raise UserError(
             Problem(

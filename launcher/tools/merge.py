@@ -390,8 +390,11 @@ def qlora_settings(adapter_dir: Path) -> dict[str, Any] | None:
 def dequantized(weight: Any, q: dict[str, Any]) -> Any:
     """`weight` as the 4-bit model saw it: quantized like transformers' loader does
     (blocksize 64, the run's type and double quantization), then dequantized."""
-    import bitsandbytes.functional as bnb_f
     import torch
+
+    from launcher import compat
+
+    bnb_f = compat.import_bitsandbytes().functional
 
     w = weight.to(getattr(torch, q["dtype"]))
     packed, state = bnb_f.quantize_4bit(

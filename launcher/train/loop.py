@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from launcher import compat
 from launcher.data.build import Datasets, collate, load_datasets
 from launcher.data.cache import load_or_build
 from launcher.dist.strategies import STRATEGIES
@@ -262,13 +263,13 @@ class Trainer:
             self.task,
             quantized=r.quant.bits is not None,
             resized_embeddings=resized,
-            gradient_checkpointing=r.model.gradient_checkpointing,
             target_modules=targets,
             also_save=also_save,
         )
         if fast_dropout:
             swap_dropout(model)  # the adapter's own dropouts (lora_dropout), new since enable()
-            if not self.strategy.shards_params:  # ZeRO-3 / FSDP gather weights themselves
+            # ZeRO-3 / FSDP gather weights themselves; no adapter, no PEFT import
+            if not self.strategy.shards_params and r.adapter.enabled:
                 from launcher.models.fused_lora import fuse_lora
 
                 fuse_lora(model)  # one pass less per LoRA linear each way, dropout inside
@@ -700,6 +701,7 @@ class Trainer:
         ctx = EvalContext(tokenizer=self.tokenizer, label_names=self.data.labels)
         rec.update(self.task.eval_metrics(preds, labels, loss, ctx))
         rec["eval_seconds"] = round(time.time() - started, 3)
+        compat.assert_4bit_weights_as_trained(self.model)
         self.model.train()
         self._log(rec)
         shown = ", ".join(

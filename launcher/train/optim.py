@@ -48,9 +48,9 @@ def _bnb(class_name: str) -> Callable[..., Any]:
         betas: tuple[float, float],
         eps: float,
     ) -> Any:
-        import bitsandbytes as bnb
+        from launcher import compat
 
-        cls = getattr(bnb.optim, class_name)
+        cls = getattr(compat.import_bitsandbytes().optim, class_name)
         return cls(list(params), lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
 
     return build
