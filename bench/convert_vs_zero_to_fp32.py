@@ -41,9 +41,9 @@ runpy.run_path(script, run_name="__main__")
 
 FTL_SIDE = f"""
 import re, sys
-from launcher.tools.convert import main
+from launcher.cli.main import standalone
 ckpt, out = sys.argv[1:3]
-assert main(["zero", ckpt, "--out", out]) == 0
+assert standalone("convert", ["zero", ckpt, "--out", out]) == 0
 {PRINT_VMHWM}
 """
 

@@ -93,9 +93,9 @@ model.save_pretrained(out, max_shard_size="600MB")
 
 FTL_SIDE = f"""
 import re, sys
-from launcher.tools.merge import main
+from launcher.cli.main import standalone
 base, adapter, out = sys.argv[1:4]
-assert main(["--base", base, "--adapter", adapter, "--out", out]) == 0
+assert standalone("merge", ["--base", base, "--adapter", adapter, "--out", out]) == 0
 {PRINT_VMHWM}
 """
 

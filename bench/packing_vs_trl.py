@@ -105,11 +105,11 @@ def ftl_overrides(packed: bool, lr: float, all_tokens: bool = False) -> list[str
 def ftl_plan(recipe: Path, overrides: list[str], steps: int) -> dict:
     """ftl's micro-batches of the first `steps` steps, rebuilt as ftl builds them: real tokens,
     examples and loss tokens of every step."""
+    from launcher.data.batches import epoch_batches, padding_free
     from launcher.data.build import load_datasets
     from launcher.data.pack import pack
     from launcher.models.build import load_tokenizer
     from launcher.recipe import load_recipe
-    from launcher.train.loop import epoch_batches, padding_free
 
     r = load_recipe(str(recipe), overrides)
     tok = load_tokenizer(r.model, needs_eos=True)

@@ -42,10 +42,10 @@ def main(argv: list[str]) -> None:
         set_seed,
     )
 
+    from launcher.data.batches import epoch_batches
     from launcher.data.build import collate, load_datasets
     from launcher.models.build import load_tokenizer, model_location
     from launcher.recipe import load_recipe
-    from launcher.train.loop import epoch_batches
 
     recipe_path, out_path, rest = argv[0], Path(argv[1]), argv[2:]
     overrides = [rest[i + 1] for i in range(0, len(rest), 2) if rest[i] in ("-o", "--override")]

@@ -333,7 +333,7 @@ def test_multi_label_head_trains_with_bce(tmp_path, tiny_bert):
     assert model.config.id2label == {0: "animal", 1: "color"}
 
     # the eval loss is the head's own BCE loss
-    batch = next(iter(trainer.eval_loader))
+    batch = next(iter(trainer.evaluate.loader))
     model.eval()
     with torch.no_grad():
         out = model(**batch)
@@ -421,7 +421,7 @@ def test_label_smoothing_and_dropout_override(cls_recipe, tmp_path):
     assert model.config.hidden_dropout_prob == 0.0
     assert model.config.attention_probs_dropout_prob == 0.0
     assert all(m.p == 0.0 for m in model.modules() if hasattr(m, "p") and isinstance(m.p, float))
-    batch = next(iter(trainer._train_loader(0, 0)))
+    batch = next(iter(trainer.data.loader(0, 0)))
     out = model(**batch)
     task = TASKS["sequence_classification"]
     plain = task.smoothed_loss(out, batch, 0.0)
@@ -577,5 +577,5 @@ output: {{dir: {tmp_path / "run"}}}
     )
     # Llama's config has attention_dropout: the override applies
     trainer = Trainer(load_recipe(recipe, ["train.max_steps=1"]))
-    assert trainer.dropout_keys == ["attention_dropout"]
+    assert trainer.built.dropout_keys == ["attention_dropout"]
     trainer.stop.uninstall()

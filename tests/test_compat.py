@@ -119,3 +119,67 @@ def test_import_bitsandbytes_restores_the_kernels_module(bnb):
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+# -- every other reach: the private names compat.py uses still exist --------------------
+def test_accelerate_reaches_still_exist():
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    assert callable(AcceleratorState._reset_state)
+    assert "distributed_type" in inspect.getsource(PartialState.__init__)
+    assert DistributedType.MULTI_GPU
+    assert "deepspeed_plugin" in inspect.getsource(AcceleratorState)
+
+
+def test_torch_collective_timeout_is_read_for_real():
+    code = (
+        "import datetime, os, torch.distributed as td\n"
+        "os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT='29517')\n"
+        "td.init_process_group('gloo', rank=0, world_size=1,"
+        " timeout=datetime.timedelta(minutes=7))\n"
+        "from launcher import compat\n"
+        "print(compat.collective_timeout_s())\n"
+        "td.destroy_process_group()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.stdout.strip() == "420.0", proc.stderr[-2000:]
+
+
+def test_transformers_reaches_still_exist(tiny_llama):
+    import transformers.integrations.sdpa_attention as sdpa
+    from transformers import AutoModelForCausalLM
+    from transformers.core_model_loading import WeightTransform
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    assert compat.supports_kept_logits(model)  # the helper's name is still in the forward
+    assert compat.attention_pluggable(model)
+    assert hasattr(sdpa, "repeat_kv") and hasattr(sdpa, "sdpa_attention_forward")
+    assert hasattr(ALL_MASK_ATTENTION_FUNCTIONS, "register")
+    assert callable(WeightTransform.was_used)
+    assert "_weight_conversions" in inspect.getsource(
+        __import__("transformers.core_model_loading", fromlist=["x"])
+    )
+    assert compat.processor_class_name("llava") == "LlavaProcessor"
+    assert "llava" in compat.image_text_to_text_model_types()
+    from transformers import modeling_utils
+
+    src = inspect.getsource(modeling_utils)  # what forget_gguf_quantization resets
+    assert "self.hf_quantizer" in src and "is_quantized" in src
+
+
+def test_peft_and_deepspeed_reaches_still_exist(tiny_llama):
+    from deepspeed.utils import zero_to_fp32
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    cls = compat.peft_lora_linear()
+    peft_model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_llama), LoraConfig(r=2, target_modules=["q_proj"])
+    )
+    layer = next(m for m in peft_model.modules() if type(m) is cls)
+    for name in ("lora_variant", "scaling", "merged", "disable_adapters", "fan_in_fan_out"):
+        assert hasattr(layer, name), name
+    assert layer.active_adapters == ["default"]
+    assert "self.flat_groups = flat_groups" in inspect.getsource(zero_to_fp32.GatheredTensor)

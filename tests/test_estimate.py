@@ -19,10 +19,10 @@ from launcher.dist.estimate import (
     activation_bytes,
     estimate,
     facts_from_numbers,
-    facts_from_recipe,
     quant_bytes,
 )
 from launcher.dist.strategies import STRATEGIES
+from launcher.models.facts import facts_from_recipe
 from launcher.recipe import load_recipe
 from launcher.recipe.schema import AdapterCfg
 

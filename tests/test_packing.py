@@ -110,7 +110,7 @@ def test_training_with_packing(padding_free, chat_recipe, tmp_path):
             ],
         )
     )
-    assert trainer.kept_logits  # the head runs on the targets' positions only
+    assert trainer.objective.kept_logits  # the head runs on the targets' positions only
     summary = trainer.fit()
     data = summary["data"]
     assert data["packing_efficiency"] >= 0.9, data
@@ -135,12 +135,9 @@ def test_kept_logits_give_transformers_loss_and_gradients(packed, tiny_llama):
     smoothing against the full-logit smoothed loss."""
     from transformers import AutoModelForCausalLM
 
+    from launcher.compat import supports_kept_logits
     from launcher.data.build import collate
-    from launcher.train.tasks import (
-        TASKS,
-        next_token_mask,
-        supports_kept_logits,
-    )
+    from launcher.train.tasks import TASKS, next_token_mask
 
     task = TASKS["causal_lm"]
     torch.manual_seed(0)

@@ -167,9 +167,9 @@ def test_unreadable_parquet_is_a_user_error(tmp_path, data, tok):
     shard = entry / "train-00000.parquet"
     shard.write_bytes(b"not parquet at all")
     m = json.loads((entry / MANIFEST).read_text())
-    from launcher.tools.shard import _hash_file
+    from launcher.data.shards import hash_file
 
-    m["shards"][0].update(bytes=shard.stat().st_size, xxh3=_hash_file(shard))
+    m["shards"][0].update(bytes=shard.stat().st_size, xxh3=hash_file(shard))
     (entry / MANIFEST).write_text(json.dumps(m))
     with pytest.raises(UserError, match="not readable Parquet"):
         prepare(cfg, tok)

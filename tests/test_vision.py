@@ -107,7 +107,7 @@ def test_lora_on_image_backbones_saves_the_head(family, tmp_path, digits):
         model_dir, num_labels=10, ignore_mismatched_sizes=True
     )
     reloaded = PeftModel.from_pretrained(base, tmp_path / "run" / "model").eval()
-    batch = trainer._collate(trainer.data.eval[:4])
+    batch = trainer.data.collate(trainer.data.eval[:4])
     trained = trainer.acc.unwrap_model(trainer.model).eval()
     with torch.no_grad():
         assert torch.allclose(

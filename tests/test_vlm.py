@@ -138,7 +138,7 @@ def test_vlm_sft_lowers_the_eval_loss(family, adapter, vlm, captions, tmp_path):
         eval=captions["eval"],
     )
     trainer = Trainer(load_recipe(r))
-    before = trainer._evaluate(0)["eval_loss"]
+    before = trainer.evaluate(trainer.model, 0)["eval_loss"]
     vision_before = {
         n: p.detach().clone()
         for n, p in trainer.acc.unwrap_model(trainer.model).named_parameters()
@@ -169,7 +169,7 @@ def test_vlm_sft_lowers_the_eval_loss(family, adapter, vlm, captions, tmp_path):
         assert not any("vision_tower" in k for k in saved)
         base = AutoModelForImageTextToText.from_pretrained(vlm(family))
         reloaded = PeftModel.from_pretrained(base, run).eval()
-        batch = trainer._collate(trainer.data.eval[:4])
+        batch = trainer.data.collate(trainer.data.eval[:4])
         model.eval()
         with torch.no_grad():
             assert torch.allclose(reloaded(**batch).logits, model(**batch).logits, atol=1e-5)
@@ -181,7 +181,7 @@ def test_projector_can_be_frozen_too(vlm, captions, tmp_path):
     model = trainer.acc.unwrap_model(trainer.model)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("language_model" in n or "lm_head" in n for n in trainable)
-    assert trainer.frozen["projector"] > 0
+    assert trainer.built.frozen["projector"] > 0
 
 
 def test_image_tokens_are_never_cut(vlm, tmp_path):

@@ -6,7 +6,7 @@ Same as `ftl convert`: python tools/convert_checkpoint.py zero RUN/checkpoints/s
 
 import sys
 
-from launcher.tools.convert import main
+from launcher.cli.main import standalone
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(standalone("convert"))

@@ -6,7 +6,7 @@ Same as `ftl export`: python tools/export_model.py runs/my-run --format hf --out
 
 import sys
 
-from launcher.tools.export import main
+from launcher.cli.main import standalone
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(standalone("export"))

@@ -6,7 +6,7 @@ Same as `ftl merge`: python tools/merge_adapter.py --adapter RUN/model --out mer
 
 import sys
 
-from launcher.tools.merge import main
+from launcher.cli.main import standalone
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(standalone("merge"))

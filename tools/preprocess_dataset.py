@@ -6,7 +6,7 @@ Same as `ftl preprocess`: python tools/preprocess_dataset.py RECIPE [-o key=valu
 
 import sys
 
-from launcher.cli.preprocess import main
+from launcher.cli.main import standalone
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(standalone("preprocess"))

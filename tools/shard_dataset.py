@@ -6,7 +6,7 @@ Same as `ftl shard`: python tools/shard_dataset.py data.jsonl --num-shards 8 --o
 
 import sys
 
-from launcher.tools.shard import main
+from launcher.cli.main import standalone
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(standalone("shard"))

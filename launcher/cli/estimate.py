@@ -117,7 +117,9 @@ def _facts(args: argparse.Namespace, recipe: object) -> object:
     extra = {k: getattr(args, k) for k in ("heads", "kv_heads", "intermediate")}
     given = [k for k, v in (numbers | extra).items() if v is not None]
     if not given:
-        return est.facts_from_recipe(recipe, args.model_config)
+        from launcher.models.facts import facts_from_recipe
+
+        return facts_from_recipe(recipe, args.model_config)
     missing = [f"--{k}" for k, v in numbers.items() if v is None]
     if missing or args.model_config:
         raise UserError(

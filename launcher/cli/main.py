@@ -86,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def standalone(verb: str, argv: list[str] | None = None) -> int:
+    """`tools/<script>.py ARGS` is `ftl VERB ARGS`: one parser, the same `ftl VERB: error:`
+    message and exit code 2 for a user error, whichever way it is called."""
+    return main([verb, *(sys.argv[1:] if argv is None else argv)])
+
+
 def _exit_rank(code: int) -> None:
     """Leave a process of a multi-process run without running C++ static destructors.
 
@@ -109,7 +115,9 @@ def _report_exit(code: int) -> None:
     import os
     from pathlib import Path
 
-    folder, rank = os.environ.get("FTL_LAUNCH_DIR"), os.environ.get("RANK")
+    from launcher.dist.contract import ENV_LAUNCH_DIR
+
+    folder, rank = os.environ.get(ENV_LAUNCH_DIR), os.environ.get("RANK")
     if folder and rank is not None and Path(folder).is_dir():
         with contextlib.suppress(OSError):
             Path(folder, f"exit-{rank}").write_text(str(code))

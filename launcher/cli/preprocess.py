@@ -119,16 +119,3 @@ def run(args: argparse.Namespace) -> int:
     state = "cache hit" if done.hit else "built"
     print(f"{state}: {done.entry} ({time.perf_counter() - start:.1f} s)")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="preprocess_dataset.py", description=__doc__.split("\n")[0]
-    )
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except UserError as e:
-        print(f"preprocess: error: {e.render()}", file=sys.stderr)
-        return 2

@@ -106,7 +106,7 @@ def _processes_per_node(recipe: Recipe, s: SlurmCfg) -> int:
 
 
 def _check(recipe: Recipe, s: SlurmCfg, per_node: int) -> list[Problem]:
-    from launcher.recipe.redact import _SECRET
+    from launcher.recipe.redact import SECRET
 
     problems = []
     world = per_node * s.nodes
@@ -128,7 +128,7 @@ def _check(recipe: Recipe, s: SlurmCfg, per_node: int) -> list[Problem]:
             )
         )
     for name in s.env:
-        if _SECRET.search(name):
+        if SECRET.search(name):
             problems.append(
                 Problem(
                     "looks like a secret: the batch script in the run folder would hold it",

@@ -59,7 +59,8 @@ def _run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     _quiet_library_deprecations()
-    from launcher.train.loop import EXIT_STOPPED, train
+    from launcher.dist.contract import EXIT_STOPPED
+    from launcher.train.loop import train
 
     summary = train(recipe, resume=args.resume, overwrite=args.overwrite)
     code = {"completed": 0, "early_stopped": 0, "stopped": EXIT_STOPPED}.get(summary["status"], 1)

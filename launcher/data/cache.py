@@ -79,9 +79,9 @@ def cache_root(cfg: DataCfg, cache_dir: str | None = None) -> Path:
 
 
 def _xxh3(path: Path) -> str:
-    from launcher.tools.shard import _hash_file
+    from launcher.data.shards import hash_file
 
-    return _hash_file(path)
+    return hash_file(path)
 
 
 def _sha(obj: Any) -> str:

@@ -12,61 +12,24 @@ masked by position and never by token id: a pad token equal to EOS cannot hide E
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-IGNORE = -100
+from launcher.data.example import (  # noqa: F401  (re-exported: the format vocabulary)
+    IGNORE,
+    FormatContext,
+    RowError,
+    TooLong,
+    label_of,
+    labels_of,
+    render_with_spans,
+    score_of,
+)
 
 ALPACA_TEMPLATE = (
     "Below is an instruction that describes a task{with_input}. "
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
 )
-
-
-class RowError(ValueError):
-    """This row cannot be used; the message says why."""
-
-
-class TooLong(Exception):
-    """`too_long: drop`: the row is longer than the limit; it is dropped and counted."""
-
-
-@dataclass
-class FormatContext:
-    tokenizer: Any
-    max_length: int
-    text_field: str = "text"
-    label_field: str = "label"
-    messages_field: str = "messages"
-    label2id: dict[str, int] = field(default_factory=dict)
-    prompt_template: str | None = None
-    too_long: str = "truncate"  # truncate | drop | error
-    label_kind: str = "class"  # text_classification: class | multi_hot | score
-    tokens_field: str = "tokens"
-    tags_field: str = "tags"
-    source_field: str = "source"
-    target_field: str = "target"
-    source_prefix: str = ""
-    max_target_length: int = 128
-    image_field: str = "image"
-    images_field: str = "images"
-    train_on_prompt: bool = False  # chat / alpaca: the loss on every token, not the answers
-    stats: dict[str, int] = field(default_factory=lambda: {"truncated": 0, "dropped_too_long": 0})
-
-    def over(self, n: int, limit: int, what: str, key: str) -> bool:
-        """Apply the too_long policy to an example of `n` tokens: True means cut it."""
-        if n <= limit:
-            return False
-        if self.too_long == "error":
-            raise RowError(
-                f"{what} is {n} tokens, longer than {key}={limit} "
-                "(set data.too_long: truncate or drop, or raise the limit)"
-            )
-        if self.too_long == "drop":
-            raise TooLong
-        self.stats["truncated"] += 1
-        return True
 
 
 def _field(row: dict[str, Any], name: str, kind: type = str) -> Any:
@@ -128,31 +91,6 @@ def alpaca(row: dict[str, Any], ctx: FormatContext) -> dict[str, Any]:
     return _finish_lm(ctx, ids, [IGNORE] * len(prompt_ids) + answer_ids)
 
 
-def render_with_spans(
-    renderer: Any, msgs: list[dict[str, Any]]
-) -> tuple[str, list[tuple[int, int]]]:
-    """The conversation rendered by `renderer.apply_chat_template` (a tokenizer or a
-    processor), and the character span each assistant turn adds: render(msgs[:i+1]) minus
-    render(msgs[:i], generation prompt)."""
-
-    def render(part: list[dict[str, Any]], gen: bool) -> str:
-        try:
-            return renderer.apply_chat_template(part, tokenize=False, add_generation_prompt=gen)
-        except Exception as e:  # jinja's raise_exception(): e.g. roles must alternate
-            raise RowError(f"the chat template refused this conversation: {e}") from None
-
-    full = render(msgs, False)
-    spans = []
-    for i, m in enumerate(msgs):
-        if m["role"] != "assistant":
-            continue
-        prompt, turn = render(msgs[:i], True), render(msgs[: i + 1], False)
-        if not (full.startswith(turn) and turn.startswith(prompt)):
-            raise RowError("the chat template does not render conversations incrementally")
-        spans.append((len(prompt), len(turn)))
-    return full, spans
-
-
 def chat(row: dict[str, Any], ctx: FormatContext) -> dict[str, Any]:
     """OpenAI-style messages rendered with the tokenizer's chat template.
 
@@ -203,49 +141,6 @@ def chat(row: dict[str, Any], ctx: FormatContext) -> dict[str, Any]:
     if ctx.train_on_prompt:  # every token: system, user and template text too
         labels = list(ids)
     return _finish_lm(ctx, ids, labels)
-
-
-def label_of(row: dict[str, Any], name: str) -> str:
-    """A class label as text: a non-empty string or an integer (1 and "1" are one class)."""
-    if name not in row:
-        raise RowError(f"missing field '{name}'")
-    value = row[name]
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (str, int))
-        or (isinstance(value, str) and not value.strip())
-    ):
-        raise RowError(f"field '{name}' must be a non-empty string or an integer, got {value!r}")
-    return str(value).strip()
-
-
-def labels_of(row: dict[str, Any], name: str) -> list[str]:
-    """Multi-label: a list of labels (possibly empty), or one label."""
-    if name in row and isinstance(row[name], list):
-        out = []
-        for v in row[name]:
-            label_of({name: v}, name)  # each item: a non-empty string or an integer
-            out.append(str(v).strip())
-        return out
-    return [label_of(row, name)]
-
-
-def score_of(row: dict[str, Any], name: str) -> float:
-    """Regression: a number (CSV cells are numeric text)."""
-    import math
-
-    if name not in row:
-        raise RowError(f"missing field '{name}'")
-    value = row[name]
-    try:
-        if isinstance(value, bool):
-            raise ValueError
-        score = float(value)
-    except (TypeError, ValueError):
-        raise RowError(f"field '{name}' must be a number, got {value!r}") from None
-    if not math.isfinite(score):
-        raise RowError(f"field '{name}' must be a finite number, got {value!r}")
-    return score
 
 
 def _encode_text(ctx: FormatContext, text: str) -> list[int]:

@@ -16,7 +16,7 @@ import math
 import random
 from typing import Any
 
-from launcher.data.formats import FormatContext, RowError, label_of
+from launcher.data.example import FormatContext, RowError, label_of
 
 
 def check_image(path: str) -> None:

@@ -259,7 +259,7 @@ def _read_shards(
 ) -> list[Row]:
     """A folder written by `ftl shard`: its checksums are checked, then the shards are read
     in order: all of them, or with `part` (rank, world) only this rank's."""
-    from launcher.tools.shard import verify
+    from launcher.data.shards import verify
 
     manifest = verify(path, key, select=lambda shards: own_shards(shards, part, key))
     rows: list[Row] = []

@@ -44,7 +44,7 @@ def _files(value: str, key: str, rank: int, world: int) -> tuple[list[tuple[Path
     (a shard folder's manifest says; a JSONL file's lines are counted, not parsed)."""
     path = existing(resolve_path(value, base=Path.cwd()), key)
     if is_shard_folder(path):
-        from launcher.tools.shard import verify
+        from launcher.data.shards import verify
 
         part = (rank, world) if world > 1 else None
         manifest = verify(path, key, select=lambda s: own_shards(s, part, key))

@@ -29,8 +29,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from launcher.data.formats import IGNORE, FormatContext, RowError, TooLong, render_with_spans
+from launcher.data.example import IGNORE, FormatContext, RowError, TooLong, render_with_spans
 from launcher.data.images import check_image
+from launcher.models.families import prefix_lm
 
 PLACEHOLDER = "<image>"
 ROLES = ("system", "user", "assistant")
@@ -178,12 +179,6 @@ def _fit(
         if all(x == IGNORE for x in labels):
             raise RowError(f"nothing left to learn after truncation to max_length={ctx.max_length}")
     return {"input_ids": ids, "labels": labels, "images": paths, **extra}
-
-
-def prefix_lm(proc: Any) -> bool:
-    """PaliGemma: no chat template; a prompt (prefix, attended both ways) and an answer
-    (suffix, causal), told apart by token_type_ids."""
-    return type(proc).__name__ == "PaliGemmaProcessor"
 
 
 def _prefix_suffix(

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from launcher.dist.strategies import STRATEGIES, Strategy
+from launcher.dist.contract import ENV_LAUNCH_DIR, ENV_STRATEGY, ENV_WORLD
 from launcher.errors import Problem, UserError
 from launcher.recipe.resolve import accounting, accumulation
 from launcher.recipe.schema import Recipe
@@ -30,9 +31,6 @@ from launcher.train.optim import ZERO_UNTESTED
 ACCELERATE_CONFIG = "accelerate.yaml"
 DEEPSPEED_CONFIG = "deepspeed.json"
 LAUNCH_DIR = "<launch-dir>"  # stands for the launch folder in a dry run
-ENV_WORLD = "FTL_WORLD_SIZE"
-ENV_STRATEGY = "FTL_STRATEGY"
-ENV_LAUNCH_DIR = "FTL_LAUNCH_DIR"  # ranks leave their exit code there (exit-<rank>)
 SHUTDOWN_GRACE_S = 600
 # a rank's identity left in the environment by an outer launcher (a Kubernetes pod's
 # node-level RANK/WORLD_SIZE, say) must not reach the processes this plan starts

@@ -80,7 +80,7 @@ def apply_adapter(
 
 def linear_names(model: Any) -> list[str]:
     """Short names of the model's linear layers (plain, 4-bit and 8-bit ones), sorted."""
-    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m) and n})
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_linear(m) and n})
 
 
 def embedding_modules(model: Any) -> list[str]:
@@ -98,7 +98,7 @@ def embedding_modules(model: Any) -> list[str]:
     return names
 
 
-def _is_linear(module: Any) -> bool:
+def is_linear(module: Any) -> bool:
     import torch
 
     return isinstance(module, torch.nn.Linear) or type(module).__name__ in (
@@ -145,6 +145,6 @@ def _check_targets(model: Any, target: list[str] | str) -> None:
 
 def _example_path(model: Any) -> str:
     for n, m in model.named_modules():
-        if _is_linear(m) and n:
+        if is_linear(m) and n:
             return n
     return "model.layers.0.self_attn.q_proj"

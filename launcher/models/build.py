@@ -33,7 +33,7 @@ def model_location(cfg: ModelCfg) -> str:
     return value
 
 
-def _common(cfg: ModelCfg) -> dict[str, Any]:
+def load_kwargs(cfg: ModelCfg) -> dict[str, Any]:
     kw: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
     if cfg.gguf_file:
         kw["gguf_file"] = cfg.gguf_file
@@ -48,7 +48,7 @@ def load_tokenizer(cfg: ModelCfg, *, needs_eos: bool = False) -> Any:
         str(resolve_path(cfg.tokenizer, base=Path.cwd())) if cfg.tokenizer else model_location(cfg)
     )
     try:
-        tok = AutoTokenizer.from_pretrained(where, **_common(cfg))
+        tok = AutoTokenizer.from_pretrained(where, **load_kwargs(cfg))
     except (OSError, ValueError) as e:
         raise UserError(
             Problem(
@@ -78,7 +78,7 @@ def load_image_processor(cfg: ModelCfg) -> Any:
 
     where = model_location(cfg)
     try:
-        return AutoImageProcessor.from_pretrained(where, **_common(cfg))
+        return AutoImageProcessor.from_pretrained(where, **load_kwargs(cfg))
     except (OSError, ValueError) as e:
         raise UserError(
             Problem(
@@ -126,7 +126,7 @@ def build_model(
     import transformers
 
     auto = getattr(transformers, task.auto_class)
-    kw = _common(cfg)
+    kw = load_kwargs(cfg)
     kw["dtype"] = _torch_dtype(cfg.dtype)
     if cfg.attn_implementation:
         kw["attn_implementation"] = cfg.attn_implementation
@@ -153,7 +153,7 @@ def build_model(
         storage = storage_dtype(quant, cfg.dtype, precision, strategy.shards_params)
         skip: tuple[str, ...] = ()
         if task.modality == "vision_language":
-            from launcher.models.vlm import PROJECTOR, VISION
+            from launcher.models.families import PROJECTOR, VISION
 
             # only the language model is quantized; transformers matches these patterns
             # from the start of a module's path
@@ -215,7 +215,7 @@ def dropout_settings(cfg: ModelCfg) -> list[str]:
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(model_location(cfg), **_common(cfg))
+        config = AutoConfig.from_pretrained(model_location(cfg), **load_kwargs(cfg))
     except (OSError, ValueError) as e:
         raise UserError(
             Problem(f"cannot read the model config: {e}", key="model.name_or_path")
@@ -268,17 +268,10 @@ def save_model(
 ) -> None:
     """Write the final model (or adapter) as safetensors next to its tokenizer (or processor),
     under the key names of the checkpoint it was loaded from."""
-    config = getattr(model, "config", None)
-    if (
-        config is not None
-        and getattr(config, "quantization_config", None) is not None
-        and _is_gguf(config.quantization_config)
-    ):
-        # A GGUF checkpoint is dequantized on load; what we hold are plain weights.
-        del config.quantization_config
-        model.hf_quantizer = None
-        model.is_quantized = False
-    _keep_checkpoint_names(model)
+    from launcher import compat
+
+    compat.forget_gguf_quantization(model)  # dequantized on load: plain weights now
+    compat.keep_used_weight_renamings(model)
     model.save_pretrained(
         out,
         is_main_process=is_main,
@@ -288,20 +281,3 @@ def save_model(
     )
     if is_main:
         tokenizer.save_pretrained(out)
-
-
-def _keep_checkpoint_names(model: Any) -> None:
-    """transformers renames some checkpoints' keys on load (a Qwen2-VL checkpoint's
-    `model.layers.*` become `model.language_model.layers.*`) and renames them back on save
-    with the renamings the load recorded. The plain load records those it used; the
-    ZeRO-3 load (transformers 5.24) records every renaming the class knows, and the save
-    then writes keys no loader finds (`model.model.layers.*`). Keep the used ones, as the
-    plain load does, so every strategy saves the checkpoint's own names."""
-    recorded = getattr(model, "_weight_conversions", None)
-    if recorded and all(hasattr(c, "was_used") for c in recorded):
-        model._weight_conversions = [c for c in recorded if c.was_used()]
-
-
-def _is_gguf(qc: Any) -> bool:
-    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
-    return str(method).lower().endswith("gguf")

@@ -283,10 +283,10 @@ def register() -> str:
 def enable(model: Any) -> bool:
     """Use fast dropout in `model` (CPU training); False if its attention is not pluggable."""
     swap_dropout(model)
-    if not getattr(model, "_supports_attention_backend", False):
-        return False
-    if getattr(model.config, "_attn_implementation", None) not in ("sdpa", None):
-        return False  # the user chose eager / flash: leave attention alone
+    from launcher import compat
+
+    if not compat.attention_pluggable(model):
+        return False  # not pluggable, or the user chose eager / flash: leave attention alone
     register()
     model.set_attn_implementation(BACKEND)
     return True

@@ -27,10 +27,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
+from launcher import compat
 from launcher.models.fast_dropout import FastDropout, keep_mask
+
+LoraLinear = compat.peft_lora_linear()
 
 
 def _dropped(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

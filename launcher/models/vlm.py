@@ -10,36 +10,31 @@ whatever the family.
 
 from __future__ import annotations
 
-import inspect
 import json
 import re
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
+from launcher import compat
 from launcher.errors import Problem, UserError
+from launcher.models.families import LANGUAGE, PROJECTOR, VISION, prefix_lm
 from launcher.recipe.schema import ModelCfg
-
-VISION = ("vision_tower", "visual", "vision_model")
-PROJECTOR = ("multi_modal_projector", "connector", "merger", "mm_projector")
-LANGUAGE = ("language_model", "text_model")
 
 
 def check_vision_language(cfg: ModelCfg) -> None:
     """`task: vision_language` needs a model that reads images: say so before loading."""
     from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
-    from launcher.models.build import _common, model_location
+    from launcher.models.build import load_kwargs, model_location
 
     where = model_location(cfg)
     try:
-        config = AutoConfig.from_pretrained(where, **_common(cfg))
+        config = AutoConfig.from_pretrained(where, **load_kwargs(cfg))
     except (OSError, ValueError) as e:
         raise UserError(
             Problem(f"cannot read the model config: {e}", key="model.name_or_path")
         ) from None
-    if config.model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+    if config.model_type not in compat.image_text_to_text_model_types():
         raise UserError(
             Problem(
                 f"{cfg.name_or_path} is a '{config.model_type}' model, which does not read "
@@ -62,16 +57,18 @@ def load_processor(cfg: ModelCfg) -> Any:
     """
     from transformers import AutoProcessor
 
-    from launcher.models.build import _common, model_location
+    from launcher.models.build import load_kwargs, model_location
 
     where = model_location(cfg)
     try:
         try:
-            proc = AutoProcessor.from_pretrained(where, **_common(cfg))
+            proc = AutoProcessor.from_pretrained(where, **load_kwargs(cfg))
         except (ImportError, OSError, ValueError) as e:
             if "torchvision" not in str(e).lower() and "video processor" not in str(e).lower():
                 raise
-            proc = _image_only(_processor_class(where, cfg)).from_pretrained(where, **_common(cfg))
+            proc = compat.image_only_processor(_processor_class(where, cfg)).from_pretrained(
+                where, **load_kwargs(cfg)
+            )
     except (OSError, ValueError, ImportError) as e:
         raise UserError(
             Problem(
@@ -90,7 +87,6 @@ def load_processor(cfg: ModelCfg) -> Any:
                 key="model.name_or_path",
             )
         )
-    from launcher.data.vlm import prefix_lm
 
     if not getattr(proc, "chat_template", None) and not prefix_lm(proc):
         raise UserError(
@@ -116,9 +112,8 @@ def load_processor(cfg: ModelCfg) -> Any:
 def _processor_class(where: str, cfg: ModelCfg) -> Any:
     import transformers
     from transformers import AutoConfig
-    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 
-    from launcher.models.build import _common
+    from launcher.models.build import load_kwargs
 
     name = None
     for f in ("processor_config.json", "preprocessor_config.json"):
@@ -126,52 +121,12 @@ def _processor_class(where: str, cfg: ModelCfg) -> Any:
         if p.is_file():
             name = json.loads(p.read_text()).get("processor_class") or name
     if name is None:
-        model_type = AutoConfig.from_pretrained(where, **_common(cfg)).model_type
-        name = PROCESSOR_MAPPING_NAMES.get(model_type)
+        model_type = AutoConfig.from_pretrained(where, **load_kwargs(cfg)).model_type
+        name = compat.processor_class_name(model_type)
     cls = getattr(transformers, name or "", None)
     if cls is None:
         raise ImportError(f"no processor class known for {where} (install torchvision)")
     return cls
-
-
-def _image_only(cls: Any) -> Any:
-    """`cls` without the video processor it would need torchvision for.
-
-    Processors read their settings from the code of `__init__` (argument names: what they
-    load and save), so the subclass's `__init__` is generated with the parent's arguments
-    minus `video_processor`, and passes None for it.
-    """
-    if "video_processor" not in cls.get_attributes():
-        return cls
-    params = [
-        p
-        for n, p in inspect.signature(cls.__init__).parameters.items()
-        if n not in ("self", "video_processor") and p.kind is p.POSITIONAL_OR_KEYWORD
-    ]
-    if [p.name for p in params[:2]] != ["image_processor", "tokenizer"]:
-        raise ImportError(f"{cls.__name__} needs torchvision for its video processor")
-    defaults = {p.name: (None if p.default is p.empty else p.default) for p in params}
-    args = ", ".join(f"{p.name}=_defaults[{p.name!r}]" for p in params)
-    call = ", ".join(
-        ["self", "image_processor", "tokenizer", "None"]
-        + [f"{p.name}={p.name}" for p in params[2:]]
-        + ["**kwargs"]
-    )
-    source = f"def __init__(self, {args}, **kwargs):\n    _cls.__init__({call})\n"
-    namespace: dict[str, Any] = {"_cls": cls, "_defaults": defaults}
-    exec(compile(source, f"<ftl image-only {cls.__name__}>", "exec"), namespace)  # noqa: S102
-    # SmolVLM's apply_chat_template reads the video processor's frame settings even for
-    # images-only conversations: none apply here
-    absent = SimpleNamespace(num_frames=None, fps=None)
-    return type(
-        cls.__name__,
-        (cls,),
-        {
-            "__init__": namespace["__init__"],
-            "__module__": cls.__module__,
-            "video_processor": absent,
-        },
-    )
 
 
 def parts(model: Any) -> dict[str, list[str]]:
@@ -215,14 +170,14 @@ def freeze(model: Any, *, vision: bool, projector: bool) -> dict[str, int]:
 def lora_targets(model: Any) -> str:
     """A regex for PEFT: every linear layer of the language model, nothing in the vision
     tower or projector (LoRA on the language model is the VLM default)."""
-    from launcher.models.adapters import _is_linear
+    from launcher.models.adapters import is_linear
 
     language = parts(model)["language"]
     names = sorted(
         {
             n.rsplit(".", 1)[-1]
             for n, m in model.named_modules()
-            if _is_linear(m) and any(n.startswith(lm + ".") for lm in language)
+            if is_linear(m) and any(n.startswith(lm + ".") for lm in language)
         }
     )
     if not names:

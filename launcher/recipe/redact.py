@@ -7,7 +7,7 @@ from typing import Any
 
 # whole words of a key: `hf_token`, `api_key`, `password` are secrets; `tokenizer` is not,
 # nor are plural `tokens` (`model.add_tokens`, `max_new_tokens` are settings, not secrets)
-_SECRET = re.compile(
+SECRET = re.compile(
     r"(^|[_\-.])(token|secrets?|passwords?|passwd|api[_-]?keys?|credentials?)($|[_\-.])",
     re.IGNORECASE,
 )
@@ -18,7 +18,7 @@ def redact(data: Any) -> Any:
     """Copy of `data` with the values of secret-looking keys replaced by ***."""
     if isinstance(data, dict):
         return {
-            k: (REDACTED if _SECRET.search(str(k)) and v is not None else redact(v))
+            k: (REDACTED if SECRET.search(str(k)) and v is not None else redact(v))
             for k, v in data.items()
         }
     if isinstance(data, list):

@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import hashlib
 import json
-import os
 import re
 import shutil
 import sys
@@ -31,11 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from launcher import atomic, compat
 from launcher.errors import Problem, UserError
-from launcher.tools.merge import TOKENIZER_FILES
+from launcher.recipe import runfolder
+from launcher.tools.merge import DTYPES, TOKENIZER_FILES
 from launcher.tools.stream import size_text, st_dtype, write_shard
+from launcher.train.tasks import TASKS
 
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 FSDP_FILES = ("pytorch_model_fsdp.bin", "model.safetensors", "pytorch_model.bin")
 SIDE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
 MAX_SHARD = 5 * 2**30
@@ -54,17 +55,9 @@ class Source:
 
 def find_checkpoint(path: Path) -> Path:
     """A checkpoint folder, or the newest complete one of a run folder."""
-    if (path / "COMPLETE").is_file() or (path / "latest").is_file():
+    if runfolder.is_complete(path) or (path / "latest").is_file():
         return path
-    root = path / "checkpoints"
-    found = (
-        sorted(
-            (p for p in root.glob("step-*") if (p / "COMPLETE").is_file()),
-            key=lambda p: int(p.name.split("-")[-1]),
-        )
-        if root.is_dir()
-        else []
-    )
+    found = runfolder.complete_checkpoints(path)
     if found:
         return found[-1]
     raise UserError(
@@ -113,7 +106,7 @@ def open_zero(ckpt: Path) -> Source:
         f.data_ptr(): f
         for t in lazy.values()
         if not isinstance(t, torch.Tensor)
-        for rank_groups in t.flat_groups
+        for rank_groups in compat.zero_flat_groups(t)
         for f in rank_groups
     }
     ranges = _file_backed_ranges() if flats else []
@@ -267,7 +260,7 @@ def adapter_config(
                 hint="convert the checkpoint where ftl wrote it (RUN/checkpoints/step-N)",
             )
         )
-    a = recipe.get("adapter", {})
+    a = recipe.adapter
     targets = sorted({n.split(".lora_")[0].rsplit(".", 1)[-1] for n in names if ".lora_" in n})
     rank = next(shapes[k][0] for k in shapes if k.endswith("lora_A.default.weight"))
     saved = sorted(
@@ -279,16 +272,12 @@ def adapter_config(
     )
     return {
         "peft_type": "LORA",
-        "task_type": {
-            "causal_lm": "CAUSAL_LM",
-            "sequence_classification": "SEQ_CLS",
-            "token_classification": "TOKEN_CLS",
-        }.get(recipe.get("task", "")),
-        "base_model_name_or_path": recipe.get("model", {}).get("name_or_path"),
+        "task_type": TASKS[recipe.task].peft_task_type or None,
+        "base_model_name_or_path": recipe.model.name_or_path,
         "r": rank,
-        "lora_alpha": a.get("alpha", 2 * rank),
-        "lora_dropout": a.get("dropout", 0.0),
-        "use_rslora": bool(a.get("rslora", False)),
+        "lora_alpha": a.alpha,
+        "lora_dropout": a.dropout,
+        "use_rslora": a.rslora,
         "use_dora": any("lora_magnitude_vector" in n for n in names),
         "target_modules": targets,
         "modules_to_save": saved or None,
@@ -299,17 +288,13 @@ def adapter_config(
     }
 
 
-def _recipe(run: Path | None) -> dict[str, Any] | None:
-    import yaml
-
-    if run and (run / "recipe.yaml").is_file():
-        return yaml.safe_load((run / "recipe.yaml").read_text())
-    return None
+def _recipe(run: Path | None) -> Any:
+    return runfolder.read_recipe(run) if run else None
 
 
 def _run_folder(ckpt: Path) -> Path | None:
     run = ckpt.parent.parent
-    return run if (run / "recipe.yaml").is_file() else None
+    return run if (run / runfolder.RECIPE).is_file() else None
 
 
 def _side_files_from(run: Path | None) -> Path | None:
@@ -318,8 +303,8 @@ def _side_files_from(run: Path | None) -> Path | None:
         return None
     if (run / "model" / "config.json").is_file():
         return run / "model"
-    recipe = _recipe(run) or {}
-    name = recipe.get("model", {}).get("name_or_path")
+    recipe = _recipe(run)
+    name = recipe.model.name_or_path if recipe is not None else None
     if name:
         from launcher.assets import resolve_path
 
@@ -441,9 +426,7 @@ def convert(
         report["checksum"] = checksum_name()
         report["checksums"] = checksums
         (tmp / "conversion.json").write_text(json.dumps(report, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        atomic.publish(tmp, out)  # the old output stays until the new one is in
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if getattr(e, "errno", None) == 28:
@@ -593,16 +576,3 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"ftl convert: {head} -> {args.out}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="convert_checkpoint.py", description=__doc__.split("\n")[0]
-    )
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except UserError as e:
-        print(f"convert: error: {e.render()}", file=sys.stderr)
-        return 2

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from launcher import atomic
 from launcher.errors import Problem, UserError
 from launcher.tools import merge as merge_tool
 
@@ -150,9 +149,7 @@ def export_vllm_lora(src: Path, out: Path, *, overwrite: bool, dry_run: bool) ->
         for name in merge_tool.TOKENIZER_FILES:
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        atomic.publish(tmp, out)  # the old output stays until the new one is in
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -199,9 +196,7 @@ def export_gguf(src: Path, out: Path, *, quant: str, overwrite: bool, dry_run: b
         for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
             if (model / f).is_file():
                 shutil.copy2(model / f, tmp / "bundle" / f)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp / "bundle", out)
+        atomic.publish(tmp / "bundle", out)  # the old output stays until the new one is in
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return f"gguf -> {out / name} ({report['tensors']} tensors, {report['bytes'] / 2**20:.1f} MiB)"
@@ -241,14 +236,3 @@ def run(args: argparse.Namespace) -> int:
         text = export_vllm_lora(src, args.out, overwrite=args.overwrite, dry_run=args.dry_run)
     print(text if args.dry_run else f"ftl export: {text}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="export_model.py", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except UserError as e:
-        print(f"export: error: {e.render()}", file=sys.stderr)
-        return 2

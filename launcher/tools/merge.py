@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import shutil
 import sys
@@ -30,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from launcher import atomic
 from launcher.errors import Problem, UserError
 from launcher.tools.stream import (
     ST_DTYPES,
@@ -371,20 +371,13 @@ def quantized_by_bnb(key: str, shape: tuple[int, ...]) -> bool:
 
 def qlora_settings(adapter_dir: Path) -> dict[str, Any] | None:
     """The 4-bit settings an ftl run trained its adapter against (RUN/model's recipe)."""
-    import yaml
+    from launcher.recipe import runfolder
 
-    recipe = adapter_dir.parent / "recipe.yaml"
-    if not recipe.is_file():
+    recipe = runfolder.read_recipe(adapter_dir.parent)
+    if recipe is None or recipe.quant.bits != 4:
         return None
-    data = yaml.safe_load(recipe.read_text()) or {}
-    quant = data.get("quant") or {}
-    if quant.get("bits") != 4:
-        return None
-    return {
-        "type": quant.get("type", "nf4"),
-        "double_quant": bool(quant.get("double_quant", True)),
-        "dtype": (data.get("model") or {}).get("dtype", "float32"),
-    }
+    q = recipe.quant
+    return {"type": q.type, "double_quant": q.double_quant, "dtype": recipe.model.dtype}
 
 
 def dequantized(weight: Any, q: dict[str, Any]) -> Any:
@@ -483,9 +476,7 @@ def merge(p: Plan, *, progress: bool = True) -> dict[str, Any]:
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         _write_config(p, tmp)
         _copy_side_files(p, tmp)
-        if p.out.exists():
-            shutil.rmtree(p.out)
-        os.replace(tmp, p.out)
+        atomic.publish(tmp, p.out)  # the old output stays until the new one is in
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if getattr(e, "errno", None) == 28:  # ENOSPC
@@ -634,14 +625,3 @@ def run(args: argparse.Namespace) -> int:
         f"{report['bytes'] / 2**20:.1f} MiB)"
     )
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="merge_adapter.py", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except UserError as e:
-        print(f"merge: error: {e.render()}", file=sys.stderr)
-        return 2

@@ -24,25 +24,15 @@ import csv
 import heapq
 import json
 import shutil
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from launcher import atomic
+from launcher.data.shards import MANIFEST, hash_file, verify  # noqa: F401 (verify re-exported)
 from launcher.errors import Problem, UserError
 
-MANIFEST = "manifest.json"
 TEXT_SUFFIXES = (".jsonl", ".csv", ".tsv")
-
-
-def _hash_file(path: Path) -> str:
-    import xxhash
-
-    h = xxhash.xxh3_64()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _kind(path: Path) -> str:
@@ -261,7 +251,7 @@ def shard(
                     "rows": len(lines),
                     **({"tokens": totals[s]} if by == "tokens" else {}),
                     "bytes": path.stat().st_size,
-                    "xxh3": _hash_file(path),
+                    "xxh3": hash_file(path),
                 }
             )
         manifest = {
@@ -272,38 +262,15 @@ def shard(
             "rows": len(sizes),
             **({"tokens": sum(totals)} if by == "tokens" else {}),
             "inputs": [
-                {"path": str(p), **({"xxh3": _hash_file(p)} if p.is_file() else {})} for p in inputs
+                {"path": str(p), **({"xxh3": hash_file(p)} if p.is_file() else {})} for p in inputs
             ],
             "shards": shards,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        atomic.publish(tmp, out)  # the old output stays until the new one is in
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return manifest
-
-
-def verify(folder: Path, key: str = "data.train", select: Any = None) -> dict[str, Any]:
-    """Read a shard folder's manifest and check every shard's size and checksum (or those
-    `select(shards)` returns: a rank checks only the shards it reads)."""
-    path = folder / MANIFEST
-    if not path.is_file():
-        raise UserError(Problem(f"no {MANIFEST} in {folder}", key=key))
-    manifest = json.loads(path.read_text())
-    for s in select(manifest["shards"]) if select else manifest["shards"]:
-        f = folder / s["file"]
-        if not f.is_file() or f.stat().st_size != s["bytes"] or _hash_file(f) != s["xxh3"]:
-            raise UserError(
-                Problem(
-                    f"shard {f} is missing or changed since {MANIFEST} was written",
-                    file=str(f),
-                    key=key,
-                    hint="re-run ftl shard",
-                )
-            )
     return manifest
 
 
@@ -363,14 +330,3 @@ def run(args: argparse.Namespace) -> int:
         f"{args.by} -> {args.out} ({MANIFEST})"
     )
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="shard_dataset.py", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except UserError as e:
-        print(f"shard: error: {e.render()}", file=sys.stderr)
-        return 2

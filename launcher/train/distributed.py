@@ -13,7 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from launcher.dist.plan import ENV_STRATEGY, ENV_WORLD
+from launcher import compat
+from launcher.dist.contract import ENV_STRATEGY, ENV_WORLD
 from launcher.dist.strategies import Strategy
 from launcher.errors import Problem, UserError
 from launcher.recipe.resolve import Schedule
@@ -47,32 +48,11 @@ def process_group_kwargs(strategy: Strategy, timeout_minutes: float) -> list[Any
         return []
 
     if strategy.kind == "fsdp":
-        # accelerate turns FSDP on only for GPU-like process groups: on a CPU-only host it
-        # silently trains unsharded. Starting the group as gloo and declaring it GPU-like
-        # makes accelerate apply FSDP2 (fully_shard), which runs on CPU tensors over gloo.
-        from accelerate.state import PartialState
-        from accelerate.utils import DistributedType
+        from launcher import compat
 
-        state = PartialState(backend="gloo", timeout=timeout)
-        state.distributed_type = DistributedType.MULTI_GPU
+        compat.fsdp_on_cpu(timeout)  # accelerate would silently train unsharded on CPU
         return []
     return [InitProcessGroupKwargs(timeout=timeout)]
-
-
-def collective_timeout_s() -> float | None:
-    """The default process group's timeout, as torch really holds it (None: no group)."""
-    import torch.distributed as td
-
-    if not (td.is_available() and td.is_initialized()):
-        return None
-    try:
-        import torch
-        from torch.distributed.distributed_c10d import _get_default_group
-
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return _get_default_group()._get_backend(device).options._timeout.total_seconds()
-    except Exception:  # private API: report nothing rather than fail the run
-        return None
 
 
 # -- preflight: every rank says who it is; ranks that differ stop before the model loads --
@@ -306,8 +286,7 @@ def torch_optimizer(prepared: Any) -> Any:
 
 
 def deepspeed_config(acc: Any) -> dict[str, Any] | None:
-    plugin = getattr(acc.state, "deepspeed_plugin", None)
-    return plugin.deepspeed_config if plugin is not None else None
+    return compat.deepspeed_config(acc)
 
 
 # ZeRO-3 sizes DeepSpeed counts in parameters; its default 1e9 is tuned for models of 7B
@@ -412,7 +391,7 @@ def write_record(
         "deepspeed_config": deepspeed_config(acc),
         "fsdp_units": fsdp_units(model) if strategy.kind == "fsdp" else None,
         "weight_bytes": weight_bytes(model),
-        "collective_timeout_s": collective_timeout_s(),
+        "collective_timeout_s": compat.collective_timeout_s(),
         "preflight": preflight or {},
     }
     (run_dir / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")

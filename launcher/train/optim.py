@@ -1,7 +1,8 @@
 """Optimizer and learning-rate schedule registries.
 
-Plain `dict[str, callable]`: the recipe schema takes its allowed names from the keys,
-so adding an entry here is all it takes to offer a new choice. torch is imported inside
+Plain dicts: the recipe schema takes its allowed names from the keys, and each optimizer
+entry carries its own facts (state bytes for `ftl estimate`, whether ZeRO lists it as
+tested), so adding an entry here is all it takes to offer a new choice. torch is imported inside
 the builders, never at module level (the CLI must start without it).
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -56,15 +58,27 @@ def _bnb(class_name: str) -> Callable[..., Any]:
     return build
 
 
-OPTIMIZERS: dict[str, Callable[..., Any]] = {
-    "adamw": _adamw,
-    "sgd": _sgd,
-    "adamw_8bit": _bnb("AdamW8bit"),
-    "paged_adamw": _bnb("PagedAdamW"),
-    "paged_adamw_8bit": _bnb("PagedAdamW8bit"),
+@dataclass(frozen=True)
+class Optimizer:
+    """An optimizer and the facts other parts of ftl need about it."""
+
+    build: Callable[..., Any]  # (params, lr, weight_decay, betas, eps) -> torch optimizer
+    # state per trainable parameter: tensors in the parameter's dtype, plus extra bytes
+    # (`ftl estimate`); paged states count on the GPU: they only spill under pressure
+    state_tensors: int
+    extra_bytes: float
+    zero_tested: bool  # DeepSpeed's ZeRO lists it as tested (others need an explicit opt-in)
+
+
+_BNB_8BIT = 2 + 2 * 4 / 256  # 2 one-byte states plus an fp32 scale per 256 values each
+OPTIMIZERS: dict[str, Optimizer] = {
+    "adamw": Optimizer(_adamw, 2, 0.0, zero_tested=True),
+    "sgd": Optimizer(_sgd, 1, 0.0, zero_tested=False),
+    "adamw_8bit": Optimizer(_bnb("AdamW8bit"), 0, _BNB_8BIT, zero_tested=False),
+    "paged_adamw": Optimizer(_bnb("PagedAdamW"), 2, 0.0, zero_tested=False),
+    "paged_adamw_8bit": Optimizer(_bnb("PagedAdamW8bit"), 0, _BNB_8BIT, zero_tested=False),
 }
-# optimizers that DeepSpeed's ZeRO does not list as tested (it asks for an explicit opt-in)
-ZERO_UNTESTED = {"sgd", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"}
+ZERO_UNTESTED = {name for name, o in OPTIMIZERS.items() if not o.zero_tested}
 
 
 def _linear(step: int, warmup: int, total: int) -> float:
@@ -95,7 +109,7 @@ SCHEDULES: dict[str, Callable[[int, int, int], float]] = {
 
 def build_optimizer(name: str, params: Iterable[Any], **kw: Any) -> Any:
     """Build the optimizer `name` over `params`."""
-    return OPTIMIZERS[name](params, **kw)
+    return OPTIMIZERS[name].build(params, **kw)
 
 
 def build_scheduler(name: str, optimizer: Any, warmup: int, total: int) -> Any:

@@ -128,3 +128,115 @@ def progress(total: int, initial: int, enabled: bool) -> Any:
         file=sys.stderr,
         mininterval=1.0,
     )
+
+
+def start_record(step: int, total_steps: int, world: int, resumed_from: Any) -> dict[str, Any]:
+    """One line per start of the run (first start, resume, SLURM requeue) in metrics."""
+    import time
+
+    env = os.environ
+    return {
+        "kind": "start",
+        "step": step,
+        "total_steps": total_steps,
+        "time": round(time.time(), 3),
+        "world_size": world,
+        "resumed_from": str(resumed_from) if resumed_from else None,
+        "slurm_job_id": env.get("SLURM_JOB_ID"),
+        "restart": int(env.get("SLURM_RESTART_COUNT", "0") or 0),
+    }
+
+
+def summary(
+    records: list[dict[str, Any]],
+    *,
+    status: str,
+    recipe: Any,
+    state: Any,
+    sched: Any,
+    restored: dict[str, Any] | None,
+    run_dir: Path,
+    **facts: Any,
+) -> dict[str, Any]:
+    """summary.json: how the run ended, what it trained and saw, how fast, on what.
+
+    `final_eval` describes the saved model (the restored best one, or the last eval);
+    `facts` are passed through (times, throughput, parameters, data, memory...)."""
+    train_recs = [r for r in records if r.get("kind") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    last = evals[-1] if evals else None
+    final = last
+    if restored is not None:
+        final = next((r for r in evals if r["step"] == restored["step"]), last)
+    es = recipe.train.early_stopping
+    starts = [r for r in records if r.get("kind") == "start"]
+    model_dir = run_dir / "model"
+    out = {
+        "status": status,
+        "task": recipe.task,
+        "steps": state.step,
+        "total_steps": sched.total_steps,
+        "epochs": round(state.step / sched.steps_per_epoch, 4),
+        "final_train_loss": train_recs[-1]["loss"] if train_recs else None,
+        "final_eval": {k: v for k, v in (final or {}).items() if k != "kind"} or None,
+        "last_eval": {k: v for k, v in (last or {}).items() if k != "kind"} or None,
+        "best": (
+            {
+                "metric": es.metric,
+                "value": state.best.value,
+                "step": state.best.step,
+                "model_is_best": restored is not None,
+            }
+            if es is not None
+            else None
+        ),
+        "tokens_seen": state.tokens,
+        "samples_seen": state.samples,
+        "schedule": sched.as_dict(),
+        "starts": len(starts),
+        "restarts": max((r.get("restart", 0) for r in starts), default=0),
+        "model_dir": str(model_dir) if model_dir.exists() else None,
+    }
+    return {**out, **facts, **peak_memory_mb()}
+
+
+def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested dict as dotted keys with scalar values (what trackers take as a config)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flat(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) or v is None else json.dumps(v)
+    return out
+
+
+def train_record(
+    step: int,
+    epoch: float,
+    window: Any,
+    lr: float,
+    grad_norm: float | None,
+    tokens: int,
+    samples: int,
+    seconds: float,
+) -> dict[str, Any]:
+    """One train line of metrics.jsonl: the log window's mean loss and objective
+    statistics, and the rates of the tokens and samples all ranks trained on in it."""
+    dt = max(seconds, 1e-9)
+    return {
+        "kind": "train",
+        "step": step,
+        "epoch": round(epoch, 4),
+        "loss": window.loss / window.steps,
+        **{k: v / window.steps for k, v in window.stats.items()},  # the objective's stats
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "tokens_per_s": tokens / dt,
+        "samples_per_s": samples / dt,
+        # what the rates are made of (a packed step holds many examples per row)
+        "tokens": tokens,
+        "samples": samples,
+        "seconds": round(dt, 4),
+    }

@@ -67,18 +67,6 @@ def next_token_mask(labels: Any) -> Any:
     return keep
 
 
-def supports_kept_logits(model: Any) -> bool:
-    """The model's forward slices hidden states by a boolean `logits_to_keep` mask
-    (transformers' `slice_logits_to_keep`; every causal LM and VLM of transformers 5)."""
-    import inspect
-
-    try:
-        source = inspect.getsource(type(model).forward)
-    except (OSError, TypeError):
-        return False
-    return "slice_logits_to_keep(" in source
-
-
 def _lm_eval_batch(out: Any, batch: dict[str, Any], keep: Any = None) -> tuple[Any, Any, None]:
     """Summed next-token loss and token count per sequence (labels shift inside). With
     `keep` (next_token_mask), the logits are those of the kept positions only, flattened."""

@@ -401,7 +401,7 @@ def make_vlm(out: Path, family: str = "llava", image_size: int = 32) -> None:
 
     # without torchvision (here) transformers cannot build a video processor: ftl's
     # image-only variant of the processor class, as ftl loads it
-    from launcher.models.vlm import _image_only
+    from launcher.compat import image_only_processor
 
     base = {"qwen2_5_vl": "qwen2_vl", "smolvlm": "idefics3"}.get(family, family)
     specials = VLM_SPECIALS[base]
@@ -454,7 +454,7 @@ def make_vlm(out: Path, family: str = "llava", image_size: int = 32) -> None:
             temporal_patch_size=2,
         )
         cls = tf.Qwen2_5_VLProcessor if family == "qwen2_5_vl" else tf.Qwen2VLProcessor
-        proc = _image_only(cls)(image_processor=ip, tokenizer=fast, chat_template=template)
+        proc = image_only_processor(cls)(image_processor=ip, tokenizer=fast, chat_template=template)
     else:
         ip_cls = tf.SmolVLMImageProcessor if family == "smolvlm" else tf.Idefics3ImageProcessor
         ip = ip_cls(
@@ -464,7 +464,7 @@ def make_vlm(out: Path, family: str = "llava", image_size: int = 32) -> None:
         )
         cls = tf.SmolVLMProcessor if family == "smolvlm" else tf.Idefics3Processor
         n = (image_size // patch) ** 2 // 4
-        proc = _image_only(cls)(
+        proc = image_only_processor(cls)(
             image_processor=ip, tokenizer=fast, image_seq_len=n, chat_template=template
         )
     fast = proc.tokenizer
