@@ -5,13 +5,11 @@ recipe -> run-folder decision -> data -> model (+fast dropout, +adapter) -> opti
 accumulate micro-batches, clip, step, log, eval, save; stop on a signal, early stopping
 or a non-finite loss -> final model, summary, plot.
 
-The loop does not know what it optimises: the run's objective (`launcher/objectives/`)
-turns each micro-batch into a loss and statistics. A step is one optimizer step. Data
-order depends only on (seed, epoch), and every checkpoint stores model, optimizer,
-scheduler, RNG and the position in the data, so a run resumed at step k logs the same
-losses as one that never stopped. Nothing is written to the run folder until every check
-(recipe, data rows, model, adapter, resume) has passed.
-"""
+The run's objective (`launcher/objectives/`) turns each micro-batch into a loss and
+statistics. A step is one optimizer step. Data order depends only on (seed, epoch) and a
+checkpoint stores model, optimizer, scheduler, RNG and step, so a resumed run logs the
+same losses as one that never stopped. Nothing is written to the run folder until every
+check (recipe, data rows, model, adapter, resume) has passed."""
 
 from __future__ import annotations
 
