@@ -285,10 +285,6 @@ def torch_optimizer(prepared: Any) -> Any:
     return opt
 
 
-def deepspeed_config(acc: Any) -> dict[str, Any] | None:
-    return compat.deepspeed_config(acc)
-
-
 # ZeRO-3 sizes DeepSpeed counts in parameters; its default 1e9 is tuned for models of 7B
 # and more (~14% of a 7B model) but is 10x a 100M model, which then keeps every gathered
 # weight from forward to backward and steps the optimizer over the whole partition at once.
@@ -304,7 +300,7 @@ ZERO3_WINDOW_MIN = 1_000_000
 def size_zero3_windows(acc: Any, n_params: int) -> dict[str, int]:
     """Fill the ZeRO-3 windows left "auto": DeepSpeed's 1e9 from 7B parameters up, the same
     share (1/7) of smaller models. Call before `prepare` (the engine reads them there)."""
-    cfg = deepspeed_config(acc)
+    cfg = compat.deepspeed_config(acc)
     zero = (cfg or {}).get("zero_optimization", {})
     if zero.get("stage") != 3:
         return {}
@@ -319,7 +315,7 @@ def fill_hidden_size_autos(acc: Any, model: Any) -> dict[str, int]:
     composite config (a vision-language model's) does not have: fill them from the
     language model's hidden size, as accelerate would (h*h, 0.9*h*h, 10*h). Call before
     `prepare`."""
-    zero = (deepspeed_config(acc) or {}).get("zero_optimization", {})
+    zero = (compat.deepspeed_config(acc) or {}).get("zero_optimization", {})
     config = getattr(model, "config", None)
     if not zero or config is None or getattr(config, "hidden_size", None) is not None:
         return {}
@@ -342,7 +338,7 @@ def fill_hidden_size_autos(acc: Any, model: Any) -> dict[str, int]:
 
 
 def deepspeed_builds_optimizer(acc: Any) -> bool:
-    cfg = deepspeed_config(acc)
+    cfg = compat.deepspeed_config(acc)
     return cfg is not None and "optimizer" in cfg
 
 
@@ -388,7 +384,7 @@ def write_record(
         "global_batch": sched.global_batch,
         "accounting": sched.accounting(),
         "mixed_precision": acc.mixed_precision,
-        "deepspeed_config": deepspeed_config(acc),
+        "deepspeed_config": compat.deepspeed_config(acc),
         "fsdp_units": fsdp_units(model) if strategy.kind == "fsdp" else None,
         "weight_bytes": weight_bytes(model),
         "collective_timeout_s": compat.collective_timeout_s(),
