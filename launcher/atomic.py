@@ -5,7 +5,8 @@ and exported models, data-cache entries, shards) is written under a temporary na
 its destination and then published: the new folder and the old one are swapped in one
 atomic step, and only then is the old one deleted. At every moment there is one complete
 folder at the destination, the old one or the new one; an interrupted write leaves a
-`.tmp-*` folder that the next write clears, never a half-written output.
+temporary folder (`.tmp-NAME` for checkpoints, `.NAME.tmp-*` for the tools) that the next
+write clears, never a half-written output.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import contextlib
 import errno
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -76,23 +78,27 @@ def _exchange(a: Path, b: Path) -> bool:
 
 @contextlib.contextmanager
 def folder(final: Path, *, what: str = "output", key: str | None = None) -> Iterator[Path]:
-    """Write a folder: yields the temporary path to fill, publishes it on success; on an
-    error the temporary folder is removed and `final` is as it was. A full disk becomes a
-    UserError naming `what` (and `key`)."""
-    tmp = temp_for(final)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    """Write a folder: yields a fresh temporary folder beside `final` to fill, publishes
+    it on success. On any error the temporary folder is removed and `final` is as it was;
+    a full disk becomes a UserError naming `what` (and `key`). Leftovers of an earlier,
+    killed write of the same output (`.NAME.tmp-*`) are cleared first."""
+    parent = final.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    for stale in parent.glob(f".{final.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=parent))
     try:
         yield tmp
-        publish(tmp, final)
+        publish(tmp, final)  # the old output stays until the new one is in
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno == errno.ENOSPC:
             raise UserError(
                 Problem(
-                    f"no space left on the device while writing the {what} {final}",
+                    f"the disk under {parent} is full while writing the {what} {final}; "
+                    "the partial output was removed",
                     key=key,
-                    hint=f"free space on {final.parent}, or write elsewhere",
+                    hint=f"free space on {parent}, or write elsewhere",
                 )
             ) from None
         raise

@@ -8,7 +8,7 @@ was computed from, checksums of the shards, counts and stats). The key is a sha2
   in it);
 - the tokenizer's saved files (vocabulary, merges, added and special tokens, settings);
 - the chat template text;
-- `FORMAT_VERSION` (bumped whenever the formatting code changes what it produces);
+- `cache_key.FORMAT_VERSION` (bumped whenever the formatting code changes what it produces);
 - the whole data section except `cache`, `cache_dir` and `packing`, and the task's
   label kind;
 - the transformers and tokenizers versions.
@@ -18,8 +18,8 @@ at start (deterministic, and cheap next to tokenizing), so turning packing on or
 the entry. Image tasks are never cached: image files are read while training and are not
 hashed.
 
-The entry is written into a temporary folder and renamed into place, and the manifest is
-its last file: a folder with a manifest is complete. In a multi-process run the main
+The entry is written into a temporary folder and published atomically
+(`launcher/atomic.py`), and the manifest is its last file: a folder with a manifest is complete. In a multi-process run the main
 process builds a missing entry; the others poll the filesystem for its manifest (no
 collective, so no collective timeout) and stop with the main process's error if it
 failed (it leaves a failure marker next to the entry).
@@ -28,7 +28,6 @@ failed (it leaves a failure marker next to the entry).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -39,21 +38,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from launcher import atomic
 from launcher.assets import resolve_path
 from launcher.data.build import Datasets, load_datasets
-from launcher.data.read import existing, is_shard_folder, own_shards
+from launcher.data.cache_key import components, digest, explain
+from launcher.data.shards import hash_file
 from launcher.errors import Problem, UserError
 from launcher.recipe.schema import DataCfg
 
-FORMAT_VERSION = 1  # bump when launcher/data/{formats,build,read}.py change their output
 ENTRY_FORMAT = "ftl-data-cache/1"
 MANIFEST = "manifest.json"
 SHARD_ROWS = 20_000  # examples per Parquet shard
-# settings that cannot change an example
-NOT_IN_KEY = ("cache", "cache_dir", "packing", "num_workers")
-# tokenizer_config.json keys that say where the tokenizer was loaded from, not what it does
-_TOKENIZER_CONFIG_NOISE = ("name_or_path", "is_local", "local_files_only", "chat_template")
-_CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 IMAGE_FORMATS = ("image_classification", "vision_chat")
 FAILED_FRESH_S = 600.0  # a failure marker older than this (when a wait starts) is stale
 
@@ -76,134 +71,6 @@ def cache_root(cfg: DataCfg, cache_dir: str | None = None) -> Path:
     if chosen:
         return resolve_path(chosen, base=Path.cwd())
     return Path.home() / ".cache" / "ftl" / "data"
-
-
-def _xxh3(path: Path) -> str:
-    from launcher.data.shards import hash_file
-
-    return hash_file(path)
-
-
-def _sha(obj: Any) -> str:
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _data_files(value: str, key: str, part: tuple[int, int] | None = None) -> dict[str, Any]:
-    """The content hash of a data file, or of every file under a data folder (of a shard
-    folder read by rank `part`: its manifest and that rank's shards)."""
-    path = existing(resolve_path(value, base=Path.cwd()), key)
-    if part is not None and is_shard_folder(path):
-        manifest = json.loads((path / "manifest.json").read_text())
-        mine = ["manifest.json"] + [x["file"] for x in own_shards(manifest["shards"], part, key)]
-        files = {f: _xxh3(path / f) for f in mine if (path / f).is_file()}
-    elif path.is_dir():
-        files = {
-            str(f.relative_to(path)): _xxh3(f)
-            for f in sorted(path.rglob("*"))
-            if f.is_file() and not any(p.startswith(".") for p in f.relative_to(path).parts)
-        }
-    else:
-        files = {path.name: _xxh3(path)}
-    return {"path": str(path), "files": files, "hash": _sha(files)}
-
-
-def tokenizer_hash(tokenizer: Any) -> str:
-    """sha256 of the tokenizer's saved files, without its chat template (hashed on its own)
-    and without the keys that only say where it was loaded from."""
-    h = hashlib.sha256()
-    with tempfile.TemporaryDirectory(prefix="ftl-tok-") as tmp:
-        tokenizer.save_pretrained(tmp)
-        for f in sorted(Path(tmp).rglob("*")):
-            if not f.is_file() or f.name in _CHAT_TEMPLATE_FILES:
-                continue
-            data = f.read_bytes()
-            if f.name == "tokenizer_config.json":
-                config = json.loads(data)
-                for k in _TOKENIZER_CONFIG_NOISE:
-                    config.pop(k, None)
-                data = json.dumps(config, sort_keys=True).encode()
-            h.update(f.name.encode() + b"\0" + hashlib.sha256(data).digest())
-    return h.hexdigest()
-
-
-def components(
-    cfg: DataCfg, tokenizer: Any, *, label_kind: str, part: tuple[int, int] | None = None
-) -> dict[str, Any]:
-    """Everything the cached examples depend on, each part hashed on its own so that a
-    mismatch can be explained by name."""
-    from importlib.metadata import version
-
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, dict):  # several named templates
-        template = json.dumps(template, sort_keys=True)
-    return {
-        "format_version": FORMAT_VERSION,
-        "data.train": _data_files(cfg.train, "data.train", part),
-        "data.eval": _data_files(cfg.eval, "data.eval") if cfg.eval is not None else None,
-        "data.mix": [_data_files(m.path, f"data.mix[{i}].path") for i, m in enumerate(cfg.mix)]
-        or None,
-        "tokenizer": tokenizer_hash(tokenizer),
-        "chat_template": hashlib.sha256(template.encode()).hexdigest() if template else None,
-        "data": {k: v for k, v in cfg.model_dump(mode="json").items() if k not in NOT_IN_KEY},
-        "label_kind": label_kind,
-        "libraries": {p: version(p) for p in ("transformers", "tokenizers")},
-    }
-
-
-def cache_key(cfg: DataCfg, tokenizer: Any, *, label_kind: str) -> str:
-    """The entry name: sha256 over every component (see the module docstring)."""
-    return _sha(components(cfg, tokenizer, label_kind=label_kind))
-
-
-def explain(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """What differs between the components of two keys, in words."""
-    out: list[str] = []
-    if old.get("format_version") != new.get("format_version"):
-        out.append(
-            f"ftl's formatting code changed (format version {old.get('format_version')} "
-            f"vs {new.get('format_version')})"
-        )
-    for name in ("data.train", "data.eval"):
-        a, b = old.get(name) or {}, new.get(name) or {}
-        if a.get("hash") == b.get("hash") and a.get("path") == b.get("path"):
-            continue
-        if a.get("path") != b.get("path"):
-            out.append(f"{name} is {a.get('path')} in the cache, {b.get('path')} in the recipe")
-            continue
-        fa, fb = a.get("files", {}), b.get("files", {})
-        changed = sorted(f for f in fa.keys() & fb.keys() if fa[f] != fb[f])
-        for f in changed[:3]:
-            out.append(f"data file {Path(b['path']) / f if len(fb) > 1 else b['path']} changed")
-        added, removed = sorted(fb.keys() - fa.keys()), sorted(fa.keys() - fb.keys())
-        if added:
-            out.append(f"{name} has new files: {', '.join(added[:3])}")
-        if removed:
-            out.append(f"{name} lost files: {', '.join(removed[:3])}")
-        if len(changed) > 3:
-            out.append(f"... and {len(changed) - 3} more changed files")
-    mix_a = [m.get("hash") for m in old.get("data.mix") or []]
-    mix_b = [m.get("hash") for m in new.get("data.mix") or []]
-    for i, (ha, hb) in enumerate(zip(mix_a, mix_b, strict=False)):
-        if ha != hb:
-            out.append(f"data file of data.mix[{i}] changed")
-    if old.get("tokenizer") != new.get("tokenizer"):
-        out.append("the tokenizer differs (vocabulary, added tokens or settings)")
-    if old.get("chat_template") != new.get("chat_template"):
-        out.append("the chat template differs")
-    a, b = old.get("data") or {}, new.get("data") or {}
-    for k in sorted(a.keys() | b.keys()):
-        if k not in ("train", "eval") and a.get(k) != b.get(k):
-            out.append(f"data.{k}: {a.get(k)!r} in the cache, {b.get(k)!r} in the recipe")
-    if old.get("label_kind") != new.get("label_kind"):
-        out.append(
-            f"the task's labels: {old.get('label_kind')} in the cache, {new.get('label_kind')} in the recipe"
-        )
-    la, lb = old.get("libraries") or {}, new.get("libraries") or {}
-    for p in sorted(la.keys() | lb.keys()):
-        if la.get(p) != lb.get(p):
-            out.append(f"{p} {la.get(p)} built the cache, {lb.get(p)} is installed")
-    return out or ["the key differs"]
 
 
 def _read_manifest(entry: Path) -> dict[str, Any]:
@@ -308,7 +175,7 @@ def _write_entry(
                         "file": name,
                         "rows": len(part),
                         "bytes": f.stat().st_size,
-                        "xxh3": _xxh3(f),
+                        "xxh3": hash_file(f),
                     }
                 )
         manifest = {
@@ -322,18 +189,12 @@ def _write_entry(
             "shards": shards,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
-        old = None
-        if entry.exists():  # --force: move the old entry aside, then drop it
-            old = entry.parent / f".{entry.name}.old-{os.getpid()}"
-            entry.rename(old)
-        try:
-            tmp.rename(entry)
+        try:  # an entry already there (--force, or another machine built it too) is replaced
+            atomic.publish(tmp, entry)
         except OSError:
             if not (entry / MANIFEST).is_file():
                 raise
             shutil.rmtree(tmp, ignore_errors=True)  # another process built it first
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -351,7 +212,7 @@ def load_entry(entry: Path, manifest: dict[str, Any] | None = None) -> Datasets:
         problem = None
         if not f.is_file():
             problem = f"cache shard {f.name} is missing"
-        elif f.stat().st_size != s["bytes"] or _xxh3(f) != s["xxh3"]:
+        elif f.stat().st_size != s["bytes"] or hash_file(f) != s["xxh3"]:
             problem = f"cache shard {f.name} changed since {MANIFEST} was written (checksum)"
         else:
             try:
@@ -472,7 +333,7 @@ def prepare(
     comps = components(cfg, tokenizer, label_kind=label_kind, part=part)
     if part is not None:  # this rank's shards only: an entry of its own
         comps["part"] = list(part)
-    key = _sha(comps)
+    key = digest(comps)
     entry = root if explicit else root / key
     if is_main:  # an old failure for this key is not this run's
         with contextlib.suppress(OSError):

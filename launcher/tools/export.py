@@ -138,10 +138,7 @@ def export_vllm_lora(src: Path, out: Path, *, overwrite: bool, dry_run: bool) ->
     )
     if dry_run:
         return f"vllm-lora: adapter_config.json, adapter_model.safetensors -> {out}\n  {serve}"
-    parent = out.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
-    try:
+    with atomic.folder(out, what="vLLM adapter", key="--out") as tmp:
         cfg = {k: v for k, v in config.items() if v not in (None, [], {}) or k == "target_modules"}
         cfg["inference_mode"] = True
         (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
@@ -149,10 +146,6 @@ def export_vllm_lora(src: Path, out: Path, *, overwrite: bool, dry_run: bool) ->
         for name in merge_tool.TOKENIZER_FILES:
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)
-        atomic.publish(tmp, out)  # the old output stays until the new one is in
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return f"vllm-lora -> {out}\n  serve with: {serve}"
 
 

@@ -20,17 +20,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import shutil
 import sys
-import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from launcher import atomic
 from launcher.errors import Problem, UserError
+from launcher.tools.peft_adapter import Adapter, Delta, merged, read_adapter
+from launcher.tools.qlora import dequantized, qlora_settings, quantized_by_bnb
 from launcher.tools.stream import (
     ST_DTYPES,
     Entry,
@@ -42,7 +42,6 @@ from launcher.tools.stream import (
 )
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-PREFIX = "base_model.model."
 # files copied from the adapter folder first (ftl saves the tokenizer it trained with
 # there, added tokens included), else from the base
 TOKENIZER_FILES = (
@@ -56,140 +55,6 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-# adapter_config keys whose non-default values change the math: refused, not ignored
-UNSUPPORTED = {
-    "lora_bias": False,
-    "use_qalora": False,
-    "layer_replication": None,
-    "trainable_token_indices": None,
-    "target_parameters": None,
-    "alora_invocation_tokens": None,
-    "use_bdlora": False,
-}
-
-
-@dataclass
-class Delta:
-    """One adapted module: its LoRA factors (and DoRA magnitude)."""
-
-    a: Any = None
-    b: Any = None
-    magnitude: Any = None
-    embedding: bool = False
-    alpha: float = 0.0
-
-
-@dataclass
-class Adapter:
-    path: Path
-    config: dict[str, Any]
-    deltas: dict[str, Delta] = field(default_factory=dict)  # base weight key -> delta
-    replaced: dict[str, Any] = field(default_factory=dict)  # modules_to_save tensors
-
-    @property
-    def nbytes(self) -> int:
-        tensors = [
-            t for d in self.deltas.values() for t in (d.a, d.b, d.magnitude) if t is not None
-        ]
-        tensors += list(self.replaced.values())
-        return sum(t.numel() * t.element_size() for t in tensors)
-
-
-# -- reading ---------------------------------------------------------------------------
-def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    """PEFT's rank_pattern / alpha_pattern lookup: the key matches the module path's end."""
-    for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            return value
-    return default
-
-
-def _open_safetensors(path: Path) -> Any:
-    from safetensors import safe_open
-
-    try:
-        return safe_open(str(path), framework="pt")
-    except Exception as e:  # SafetensorError, OSError: truncated, not safetensors, ...
-        raise UserError(
-            Problem(
-                f"cannot read {path}: {e}",
-                hint="the file is damaged or incomplete (an interrupted copy or download?): "
-                "copy it again",
-            )
-        ) from None
-
-
-def read_adapter(path: Path) -> Adapter:
-    """The adapter's factors, keyed by the base weight they change."""
-    cfg_path = path / "adapter_config.json"
-    if not cfg_path.is_file():
-        raise UserError(
-            Problem(
-                f"{path} has no adapter_config.json",
-                key="--adapter",
-                hint="pass the folder PEFT (or ftl, in RUN/model) saved the adapter to",
-            )
-        )
-    config = json.loads(cfg_path.read_text())
-    if config.get("peft_type") != "LORA":
-        raise UserError(
-            Problem(
-                f"{path} holds a {config.get('peft_type')} adapter; only LoRA/DoRA merge",
-                key="--adapter",
-            )
-        )
-    bad = [k for k, default in UNSUPPORTED.items() if config.get(k) not in (default, None, [], {})]
-    if bad:
-        raise UserError(
-            Problem(
-                f"the adapter uses {', '.join(bad)}, which ftl merge does not fold in",
-                key="--adapter",
-                hint="merge with PEFT's merge_and_unload instead",
-            )
-        )
-    weights = path / "adapter_model.safetensors"
-    if not weights.is_file():
-        raise UserError(
-            Problem(
-                f"{path} has no adapter_model.safetensors",
-                key="--adapter",
-                hint="save the adapter with safetensors (PEFT's default)",
-            )
-        )
-    adapter = Adapter(path, config)
-    alpha, patterns = float(config["lora_alpha"]), config.get("alpha_pattern") or {}
-    with _open_safetensors(weights) as f:
-        for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-            name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
-            m = re.match(
-                r"(.+)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.weight)?$", name
-            )
-            if m:
-                module, part = m.group(1), m.group(2)
-                d = adapter.deltas.setdefault(f"{module}.weight", Delta())
-                d.alpha = float(_pattern_value(patterns, module, alpha))
-                tensor = f.get_tensor(key)
-                if part.endswith("A"):
-                    d.a = tensor
-                else:
-                    d.b = tensor
-                d.embedding = part.startswith("lora_embedding")
-                continue
-            m = re.match(r"(.+)\.lora_magnitude_vector(\.weight)?$", name)
-            if m:
-                adapter.deltas.setdefault(f"{m.group(1)}.weight", Delta()).magnitude = f.get_tensor(
-                    key
-                )
-                continue
-            # modules_to_save, or the full weight of a targeted layer PEFT saved with the
-            # adapter (`X.base_layer.weight`: embeddings, grown by added tokens)
-            adapter.replaced[name.replace(".base_layer.", ".")] = f.get_tensor(key)
-    broken = [k for k, d in adapter.deltas.items() if d.a is None or d.b is None]
-    if broken:
-        raise UserError(
-            Problem(f"{weights}: {broken[0]} lacks its lora_A or lora_B", key="--adapter")
-        )
-    return adapter
 
 
 def base_shards(base: Path) -> list[Path]:
@@ -211,29 +76,6 @@ def base_shards(base: Path) -> list[Path]:
             "(`huggingface-cli download` fetches them)",
         )
     )
-
-
-# -- the math ----------------------------------------------------------------------------
-def scaling(cfg: dict[str, Any], d: Delta) -> float:
-    r = d.a.shape[0]
-    return d.alpha / math.sqrt(r) if cfg.get("use_rslora") else d.alpha / r
-
-
-def merged(weight: Any, d: Delta, cfg: dict[str, Any], out_dtype: Any) -> Any:
-    """`weight` with the adapter folded in, computed in float32 (shapes were checked by
-    `plan`, from the headers, before anything was read)."""
-    import torch
-
-    w = weight.to(torch.float32)
-    s = scaling(cfg, d)
-    delta = d.b.to(torch.float32) @ d.a.to(torch.float32)
-    if d.embedding or cfg.get("fan_in_fan_out"):
-        delta = delta.T
-    w = w + s * delta
-    if d.magnitude is not None:  # DoRA: rescale every output row to its learned norm
-        norm = torch.linalg.norm(w, dim=1)
-        w = (d.magnitude.to(torch.float32) / norm).unsqueeze(1) * w
-    return w.to(out_dtype)
 
 
 # -- planning and writing -----------------------------------------------------------------
@@ -351,51 +193,6 @@ def plan(
     return Plan(base, adapter, out, dtype, shards, qlora)
 
 
-# bitsandbytes (through transformers) quantizes every nn.Linear but the output head; the
-# embeddings are not Linear layers
-NOT_QUANTIZED = (
-    "embed_tokens.weight",
-    "lm_head.weight",
-    "wte.weight",
-    "embed_in.weight",
-    "embed_out.weight",
-    "word_embeddings.weight",
-    "score.weight",
-    "classifier.weight",
-)
-
-
-def quantized_by_bnb(key: str, shape: tuple[int, ...]) -> bool:
-    return len(shape) == 2 and key.endswith(".weight") and not key.endswith(NOT_QUANTIZED)
-
-
-def qlora_settings(adapter_dir: Path) -> dict[str, Any] | None:
-    """The 4-bit settings an ftl run trained its adapter against (RUN/model's recipe)."""
-    from launcher.recipe import runfolder
-
-    recipe = runfolder.read_recipe(adapter_dir.parent)
-    if recipe is None or recipe.quant.bits != 4:
-        return None
-    q = recipe.quant
-    return {"type": q.type, "double_quant": q.double_quant, "dtype": recipe.model.dtype}
-
-
-def dequantized(weight: Any, q: dict[str, Any]) -> Any:
-    """`weight` as the 4-bit model saw it: quantized like transformers' loader does
-    (blocksize 64, the run's type and double quantization), then dequantized."""
-    import torch
-
-    from launcher import compat
-
-    bnb_f = compat.import_bitsandbytes().functional
-
-    w = weight.to(getattr(torch, q["dtype"]))
-    packed, state = bnb_f.quantize_4bit(
-        w, blocksize=64, compress_statistics=q["double_quant"], quant_type=q["type"]
-    )
-    return bnb_f.dequantize_4bit(packed, state)
-
-
 def _check_delta(key: str, shape: tuple[int, ...], d: Delta, cfg: dict[str, Any]) -> None:
     rows, cols = d.b.shape[0], d.a.shape[1]
     update = (cols, rows) if d.embedding or cfg.get("fan_in_fan_out") else (rows, cols)
@@ -450,12 +247,9 @@ def merge(p: Plan, *, progress: bool = True) -> dict[str, Any]:
     """Run the plan; return a report (tensors merged, replaced, copied; bytes)."""
     from tqdm.auto import tqdm
 
-    parent = p.out.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{p.out.name}.tmp-", dir=parent))
     report = {"merged": 0, "replaced": 0, "copied": 0, "bytes": 0, "shards": len(p.shards)}
     names = p.file_names()
-    try:
+    with atomic.folder(p.out, what="merged model", key="--out") as tmp:
         with tqdm(
             total=len(p.items),
             disable=not progress,
@@ -476,18 +270,6 @@ def merge(p: Plan, *, progress: bool = True) -> dict[str, Any]:
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         _write_config(p, tmp)
         _copy_side_files(p, tmp)
-        atomic.publish(tmp, p.out)  # the old output stays until the new one is in
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if getattr(e, "errno", None) == 28:  # ENOSPC
-            raise UserError(
-                Problem(
-                    f"the disk under {parent} is full; the partial output was removed",
-                    key="--out",
-                    hint="free space or pick another folder for --out",
-                )
-            ) from None
-        raise
     return report
 
 

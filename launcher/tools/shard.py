@@ -23,7 +23,6 @@ import argparse
 import csv
 import heapq
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -219,10 +218,7 @@ def shard(
         )
     shard_of, totals = assign(sizes, num_shards, seed, by)
 
-    tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic.folder(out, what="shards", key="--out") as tmp:
         files = [
             (tmp / shard_name(i, num_shards)).open("w", encoding="utf-8") for i in range(num_shards)
         ]
@@ -267,10 +263,6 @@ def shard(
             "shards": shards,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        atomic.publish(tmp, out)  # the old output stays until the new one is in
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 
