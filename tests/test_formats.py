@@ -6,6 +6,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from launcher.data.formats import IGNORE, FormatContext, RowError, alpaca, chat, completion
+from launcher.recipe.schema import DataCfg
 
 
 @pytest.fixture(scope="module")
@@ -13,8 +14,10 @@ def tok(tiny_llama):
     return AutoTokenizer.from_pretrained(tiny_llama)
 
 
-def ctx(tok, **kw):
-    return FormatContext(tokenizer=tok, max_length=kw.pop("max_length", 256), **kw)
+def ctx(tok, **data):
+    """A format's context for `data` keys over the schema's defaults (train: unused)."""
+    cfg = DataCfg(train="unused.jsonl", **{"max_length": 256, **data})
+    return FormatContext(tokenizer=tok, cfg=cfg)
 
 
 CONVO = [

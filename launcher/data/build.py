@@ -172,23 +172,9 @@ def format_context(
     """What the formats read: the tokenizer (or processor), the limits and field names."""
     return FormatContext(
         tokenizer=tokenizer,
-        max_length=cfg.max_length,
-        text_field=cfg.text_field,
-        label_field=cfg.label_field,
-        messages_field=cfg.messages_field,
+        cfg=cfg,
         label2id={name: i for i, name in enumerate(labels or [])},
-        prompt_template=cfg.prompt_template,
-        too_long=cfg.too_long,
         label_kind=label_kind,
-        tokens_field=cfg.tokens_field,
-        tags_field=cfg.tags_field,
-        source_field=cfg.source_field,
-        target_field=cfg.target_field,
-        source_prefix=cfg.source_prefix,
-        max_target_length=cfg.max_target_length,
-        image_field=cfg.image_field,
-        train_on_prompt=cfg.train_on_prompt,
-        images_field=cfg.images_field,
     )
 
 

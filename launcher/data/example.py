@@ -7,7 +7,10 @@ conversations (`vlm.py`) import it; nothing here imports them back.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the schema reads data.formats' registry: no import at run time
+    from launcher.recipe.schema import DataCfg
 
 IGNORE = -100  # the label of a position without loss
 
@@ -22,36 +25,30 @@ class TooLong(Exception):
 
 @dataclass
 class FormatContext:
+    """What a format reads: the recipe's data section itself (field names, limits, the
+    too-long policy; its defaults live in the schema only), the tokenizer or processor,
+    the label vocabulary, and counters of what was cut."""
+
     tokenizer: Any
-    max_length: int
-    text_field: str = "text"
-    label_field: str = "label"
-    messages_field: str = "messages"
+    cfg: DataCfg
     label2id: dict[str, int] = field(default_factory=dict)
-    prompt_template: str | None = None
-    too_long: str = "truncate"  # truncate | drop | error
     label_kind: str = "class"  # text_classification: class | multi_hot | score
-    tokens_field: str = "tokens"
-    tags_field: str = "tags"
-    source_field: str = "source"
-    target_field: str = "target"
-    source_prefix: str = ""
-    max_target_length: int = 128
-    image_field: str = "image"
-    images_field: str = "images"
-    train_on_prompt: bool = False  # chat / alpaca: the loss on every token, not the answers
     stats: dict[str, int] = field(default_factory=lambda: {"truncated": 0, "dropped_too_long": 0})
+
+    @property
+    def max_length(self) -> int:
+        return self.cfg.max_length
 
     def over(self, n: int, limit: int, what: str, key: str) -> bool:
         """Apply the too_long policy to an example of `n` tokens: True means cut it."""
         if n <= limit:
             return False
-        if self.too_long == "error":
+        if self.cfg.too_long == "error":
             raise RowError(
                 f"{what} is {n} tokens, longer than {key}={limit} "
                 "(set data.too_long: truncate or drop, or raise the limit)"
             )
-        if self.too_long == "drop":
+        if self.cfg.too_long == "drop":
             raise TooLong
         self.stats["truncated"] += 1
         return True

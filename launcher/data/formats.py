@@ -65,7 +65,7 @@ def _bos(tok: Any) -> list[int]:
 def completion(row: dict[str, Any], ctx: FormatContext) -> dict[str, Any]:
     """Raw text; loss on every token, EOS appended."""
     tok = ctx.tokenizer
-    ids = _bos(tok) + _encode(tok, _field(row, ctx.text_field)) + [tok.eos_token_id]
+    ids = _bos(tok) + _encode(tok, _field(row, ctx.cfg.text_field)) + [tok.eos_token_id]
     return _finish_lm(ctx, ids, list(ids))
 
 
@@ -76,7 +76,7 @@ def alpaca(row: dict[str, Any], ctx: FormatContext) -> dict[str, Any]:
     extra = row.get("input") or ""
     if not isinstance(extra, str):
         raise RowError("field 'input' must be a string")
-    template = ctx.prompt_template or ALPACA_TEMPLATE
+    template = ctx.cfg.prompt_template or ALPACA_TEMPLATE
     prompt = template.format(
         instruction=instruction,
         input=extra,
@@ -86,7 +86,7 @@ def alpaca(row: dict[str, Any], ctx: FormatContext) -> dict[str, Any]:
     prompt_ids = _bos(tok) + _encode(tok, prompt)
     answer_ids = _encode(tok, _field(row, "output")) + [tok.eos_token_id]
     ids = prompt_ids + answer_ids
-    if ctx.train_on_prompt:
+    if ctx.cfg.train_on_prompt:
         return _finish_lm(ctx, ids, list(ids))
     return _finish_lm(ctx, ids, [IGNORE] * len(prompt_ids) + answer_ids)
 
@@ -101,7 +101,7 @@ def chat(row: dict[str, Any], ctx: FormatContext) -> dict[str, Any]:
     through the offsets, so tokens match exactly what the model sees at inference.
     """
     tok = ctx.tokenizer
-    msgs = _field(row, ctx.messages_field, list)
+    msgs = _field(row, ctx.cfg.messages_field, list)
     for i, m in enumerate(msgs):
         if (
             isinstance(m, dict)
@@ -138,7 +138,7 @@ def chat(row: dict[str, Any], ctx: FormatContext) -> dict[str, Any]:
     if tok.eos_token_id not in [x for x in labels if x != IGNORE]:
         ids.append(tok.eos_token_id)
         labels.append(tok.eos_token_id)
-    if ctx.train_on_prompt:  # every token: system, user and template text too
+    if ctx.cfg.train_on_prompt:  # every token: system, user and template text too
         labels = list(ids)
     return _finish_lm(ctx, ids, labels)
 
@@ -152,17 +152,17 @@ def _encode_text(ctx: FormatContext, text: str) -> list[int]:
 
 def text_classification(row: dict[str, Any], ctx: FormatContext) -> dict[str, Any]:
     """text + label -> token ids and one class id, a multi-hot row, or a score."""
-    text = _field(row, ctx.text_field)
+    text = _field(row, ctx.cfg.text_field)
     if ctx.label_kind == "score":
-        return {"input_ids": _encode_text(ctx, text), "labels": score_of(row, ctx.label_field)}
+        return {"input_ids": _encode_text(ctx, text), "labels": score_of(row, ctx.cfg.label_field)}
     if ctx.label_kind == "multi_hot":
         hot = [0.0] * len(ctx.label2id)
-        for label in labels_of(row, ctx.label_field):
+        for label in labels_of(row, ctx.cfg.label_field):
             if label not in ctx.label2id:
                 raise RowError(f"label '{label}' is not in the label set {sorted(ctx.label2id)}")
             hot[ctx.label2id[label]] = 1.0
         return {"input_ids": _encode_text(ctx, text), "labels": hot}
-    label = label_of(row, ctx.label_field)
+    label = label_of(row, ctx.cfg.label_field)
     if label not in ctx.label2id:
         raise RowError(f"label '{label}' is not in the label set {sorted(ctx.label2id)}")
     return {"input_ids": _encode_text(ctx, text), "labels": ctx.label2id[label]}
@@ -170,19 +170,19 @@ def text_classification(row: dict[str, Any], ctx: FormatContext) -> dict[str, An
 
 def tags_of(row: dict[str, Any], ctx: FormatContext) -> tuple[list[str], list[str]]:
     """The words and their tags, checked: equal lengths, non-empty strings."""
-    words = _field(row, ctx.tokens_field, list)
-    tags = _field(row, ctx.tags_field, list)
+    words = _field(row, ctx.cfg.tokens_field, list)
+    tags = _field(row, ctx.cfg.tags_field, list)
     if len(words) != len(tags):
         raise RowError(
-            f"{len(words)} {ctx.tokens_field} but {len(tags)} {ctx.tags_field}: "
+            f"{len(words)} {ctx.cfg.tokens_field} but {len(tags)} {ctx.cfg.tags_field}: "
             "every word needs exactly one tag"
         )
     for i, w in enumerate(words):
         if not isinstance(w, str) or not w.strip():
-            raise RowError(f"{ctx.tokens_field}[{i}] must be a non-empty string, got {w!r}")
+            raise RowError(f"{ctx.cfg.tokens_field}[{i}] must be a non-empty string, got {w!r}")
     for i, t in enumerate(tags):
         if not isinstance(t, str) or not t.strip():
-            raise RowError(f"{ctx.tags_field}[{i}] must be a non-empty string, got {t!r}")
+            raise RowError(f"{ctx.cfg.tags_field}[{i}] must be a non-empty string, got {t!r}")
     return words, [t.strip() for t in tags]
 
 
@@ -193,7 +193,7 @@ def token_tags(row: dict[str, Any], ctx: FormatContext) -> dict[str, Any]:
     for i, t in enumerate(tags):
         if t not in ctx.label2id:
             raise RowError(
-                f"tag '{t}' ({ctx.tags_field}[{i}]) is not in the tag set the model was "
+                f"tag '{t}' ({ctx.cfg.tags_field}[{i}]) is not in the tag set the model was "
                 f"built with: {sorted(ctx.label2id)} (add it to data.labels)"
             )
     tok = ctx.tokenizer
@@ -218,16 +218,16 @@ def translation(row: dict[str, Any], ctx: FormatContext) -> dict[str, Any]:
     """source -> target for encoder-decoder models: the loss falls on every target token,
     EOS included; the decoder is fed the labels shifted right (teacher forcing)."""
     tok = ctx.tokenizer
-    source = ctx.source_prefix + _field(row, ctx.source_field)
-    target = _field(row, ctx.target_field)
+    source = ctx.cfg.source_prefix + _field(row, ctx.cfg.source_field)
+    target = _field(row, ctx.cfg.target_field)
     ids = tok(source)["input_ids"]
     if ctx.over(len(ids), ctx.max_length, "the source", "data.max_length"):
         ids = tok(source, truncation=True, max_length=ctx.max_length)["input_ids"]
     labels = tok(text_target=target)["input_ids"]
     if not labels or labels[-1] != tok.eos_token_id:
         labels = [*labels, tok.eos_token_id]  # the model must learn to stop
-    if ctx.over(len(labels), ctx.max_target_length, "the target", "data.max_target_length"):
-        labels = [*labels[: ctx.max_target_length - 1], tok.eos_token_id]
+    if ctx.over(len(labels), ctx.cfg.max_target_length, "the target", "data.max_target_length"):
+        labels = [*labels[: ctx.cfg.max_target_length - 1], tok.eos_token_id]
     return {"input_ids": ids, "labels": labels}
 
 

@@ -36,13 +36,13 @@ def check_image(path: str) -> None:
 
 def image_classification(row: dict[str, Any], ctx: FormatContext) -> dict[str, Any]:
     """image path + label -> the checked path and one class id."""
-    field = ctx.image_field
+    field = ctx.cfg.image_field
     if field not in row:
         raise RowError(f"missing field '{field}' (row has: {', '.join(map(str, row))})")
     path = row[field]
     if not isinstance(path, str) or not path.strip():
         raise RowError(f"field '{field}' must be an image path, got {path!r}")
-    label = label_of(row, ctx.label_field)
+    label = label_of(row, ctx.cfg.label_field)
     if label not in ctx.label2id:
         raise RowError(f"label '{label}' is not in the label set {sorted(ctx.label2id)}")
     check_image(path)

@@ -40,14 +40,14 @@ ROLES = ("system", "user", "assistant")
 def _parts(row: dict[str, Any], ctx: FormatContext) -> tuple[list[dict[str, Any]], list[str]]:
     """The conversation as content parts (images as {"type": "image"}) and the image paths
     in order."""
-    msgs = row.get(ctx.messages_field)
+    msgs = row.get(ctx.cfg.messages_field)
     if not isinstance(msgs, list) or not msgs:
-        raise RowError(f"field '{ctx.messages_field}' must be a non-empty list of messages")
-    listed = row.get(ctx.images_field)
+        raise RowError(f"field '{ctx.cfg.messages_field}' must be a non-empty list of messages")
+    listed = row.get(ctx.cfg.images_field)
     if listed is not None and (
         not isinstance(listed, list) or not all(isinstance(p, str) and p for p in listed)
     ):
-        raise RowError(f"field '{ctx.images_field}' must be a list of image paths")
+        raise RowError(f"field '{ctx.cfg.images_field}' must be a list of image paths")
     out, paths, placeholders = [], [], 0
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
@@ -94,7 +94,7 @@ def _parts(row: dict[str, Any], ctx: FormatContext) -> tuple[list[dict[str, Any]
         if placeholders != len(listed):
             raise RowError(
                 f"{placeholders} {PLACEHOLDER} placeholders in the messages but "
-                f"{len(listed)} images in '{ctx.images_field}': each image needs one placeholder"
+                f"{len(listed)} images in '{ctx.cfg.images_field}': each image needs one placeholder"
             )
         paths = list(listed)
     if not any(m["role"] == "assistant" for m in out):
@@ -170,7 +170,7 @@ def _fit(
     """The length rule: cut text after the last image, never image tokens."""
     image_ids = _image_token_ids(ctx.tokenizer)
     last_image = max((t for t, x in enumerate(ids) if x in image_ids), default=-1)
-    if last_image >= ctx.max_length and ctx.too_long != "error":
+    if last_image >= ctx.max_length and ctx.cfg.too_long != "error":
         # never cut through image tokens: the example goes (counted in dropped_too_long too)
         ctx.stats["dropped_images_too_long"] = ctx.stats.get("dropped_images_too_long", 0) + 1
         raise TooLong
